@@ -1,0 +1,76 @@
+"""Argument checks shared by every optimizer and diagnostic.
+
+Each check raises before anything is changed and names the argument and the allowed range,
+so a typo in a config never leaves an optimizer half-built.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_learning_rate(value, name: str = "lr", allow_zero: bool = False) -> float:
+    """lr must be a finite number > 0 (>= 0 where a schedule may reach zero)."""
+    value = _as_float(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_non_negative(name: str, value) -> float:
+    """A finite number >= 0 (friction, curvature, decay rates, eps...)."""
+    value = _as_float(name, value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    value = _as_float(name, value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_momentum_bounds(mu_min, mu_max) -> tuple[float, float]:
+    """Momentum bounds live in [0, 1): mu = 1 would be an undamped oscillator."""
+    mu_min = _as_float("mu_min", mu_min)
+    mu_max = _as_float("mu_max", mu_max)
+    for name, value in (("mu_min", mu_min), ("mu_max", mu_max)):
+        if not (0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if mu_min > mu_max:
+        raise ValueError(f"mu_min must be <= mu_max, got mu_min={mu_min} > mu_max={mu_max}")
+    return mu_min, mu_max
+
+
+def check_gradients(params_with_grad) -> None:
+    """Reject gradients no update rule here is defined for, before any state changes."""
+    for param in params_with_grad:
+        grad = param.grad
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise RuntimeError(
+                "dampopt optimizers do not support sparse gradients; "
+                f"got a {grad.layout} gradient for a parameter of shape {tuple(param.shape)}"
+            )
+        if torch.is_complex(param) or torch.is_complex(grad):
+            raise TypeError(
+                "dampopt optimizers do not support complex parameters or gradients; "
+                f"got dtype {grad.dtype} for a parameter of shape {tuple(param.shape)}"
+            )

@@ -1,0 +1,1 @@
+"""The paper's Scan -> Localize -> Diagnose -> Treat -> Verify pipeline."""

@@ -1,0 +1,300 @@
+r"""PhysicsSGD: SGD whose momentum follows the critical damping curve (the paper, Sec. 4 and 7).
+
+Every step, per param group, the momentum is recomputed from the group's *current* lr
+
+.. math:: \mu = \mathrm{clamp}\big(1 - 2\sqrt{\lambda\,\alpha},\ \mu_{min},\ \mu_{max}\big)
+
+so any LR scheduler drives it. The update itself is torch.optim.SGD's, done by torch's own
+functional ``sgd`` (single-tensor, foreach and fused paths), so with ``mu_min == mu_max`` the
+parameters are bit-identical to ``torch.optim.SGD`` with that momentum.
+
+Hybrid schedule (Sec. 7): once a trigger fires, every group switches to the constant
+``momentum`` for the rest of training. Triggers: ``switch_step`` (the optimizer step count),
+``observe(value)`` with ``value >= switch_metric`` (e.g. test accuracy 0.90, "Hybrid-90"),
+or ``switch()``.
+
+``param_groups[i]["momentum"]`` always holds the momentum in effect for the group (so loggers and
+:class:`dampopt.diagnostics.RegimeMonitor` read the truth); the post-switch constant is kept under
+``"switch_momentum"``. Schedulers that write ``"momentum"`` (OneCycleLR with
+``cycle_momentum=True``) are overridden at the next step: use ``cycle_momentum=False``.
+
+fp16/bf16 parameters keep their dtype; their momentum buffers and the update math are fp32
+(torch.optim.SGD would keep them in the parameter's dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.optim.sgd import sgd as _torch_sgd
+
+from ._validation import (
+    check_gradients,
+    check_learning_rate,
+    check_momentum_bounds,
+    check_non_negative,
+)
+from .momentum import classify_regime, critical_momentum, physics_momentum
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class DampingState:
+    """The damping of one param group at its current lr."""
+
+    lr: float
+    mu: float  # momentum the next step uses
+    mu_c: float  # unclamped critical momentum 1 - 2 sqrt(curvature * lr)
+    regime: str  # "underdamped" | "critical" | "overdamped" (tol 0.05)
+    switched: bool  # True once the hybrid switch has fired
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PhysicsSGD(torch.optim.Optimizer):
+    """Drop-in for ``torch.optim.SGD`` with critically damped, lr-driven momentum.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr: learning rate (> 0), torch's meaning.
+        momentum: the constant momentum used after the hybrid switch (paper: 0.9).
+        mu_min, mu_max: clamp of the physics momentum, in [0, 1) (paper: 0.5, 0.99).
+        curvature: the curvature lambda in ``mu_c = 1 - 2 sqrt(lambda * lr)`` (default 1).
+        dampening, weight_decay, nesterov, maximize, foreach, fused: as torch.optim.SGD.
+        switch_step: switch to ``momentum`` at this optimizer step count (None: never).
+        switch_metric: switch once ``observe(value)`` sees ``value >= switch_metric``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        mu_min: float = 0.5,
+        mu_max: float = 0.99,
+        curvature: float = 1.0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        switch_step: int | None = None,
+        switch_metric: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        lr = check_learning_rate(lr)
+        momentum = check_non_negative("momentum", momentum)
+        if momentum >= 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        mu_min, mu_max = check_momentum_bounds(mu_min, mu_max)
+        curvature = check_non_negative("curvature", curvature)
+        dampening = check_non_negative("dampening", dampening)
+        weight_decay = check_non_negative("weight_decay", weight_decay)
+        if nesterov and dampening != 0:
+            raise ValueError("nesterov momentum requires dampening=0")
+        if switch_step is not None and (
+            isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0
+        ):
+            raise ValueError(f"switch_step must be an int >= 0 or None, got {switch_step!r}")
+        if switch_metric is not None:
+            switch_metric = float(switch_metric)
+        if fused and foreach:
+            raise RuntimeError("`foreach` and `fused` cannot both be True")
+        defaults = dict(
+            lr=lr,
+            momentum=physics_momentum(lr, mu_min, mu_max, curvature),
+            switch_momentum=momentum,
+            mu_min=mu_min,
+            mu_max=mu_max,
+            curvature=curvature,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            switched_at=None,
+            step=0,
+        )
+        self.switch_step = switch_step
+        self.switch_metric = switch_metric
+        super().__init__(params, defaults)
+        if fused:
+            # GradScaler hands scale and found_inf to the fused kernel instead of unscaling.
+            self._step_supports_amp_scaling = True
+
+    # -- hybrid switch -------------------------------------------------------------------------
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("switched_at", None)
+            group.setdefault("step", 0)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "lr" in param_group:
+            check_learning_rate(param_group["lr"])
+        if "curvature" in param_group:
+            check_non_negative("curvature", param_group["curvature"])
+        if "mu_min" in param_group or "mu_max" in param_group:
+            check_momentum_bounds(
+                param_group.get("mu_min", self.defaults["mu_min"]),
+                param_group.get("mu_max", self.defaults["mu_max"]),
+            )
+        if "momentum" in param_group:
+            # A group's own "momentum" is its post-switch constant, as in the constructor.
+            param_group = dict(param_group)
+            param_group["switch_momentum"] = param_group.pop("momentum")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if len(self.param_groups) > 1:
+            # A group added mid-training joins the optimizer's clock and switch state.
+            group["step"] = self.param_groups[0]["step"]
+            group["switched_at"] = self.param_groups[0]["switched_at"]
+        group["momentum"] = self._momentum_for(group)
+
+    @property
+    def steps(self) -> int:
+        """Number of optimizer steps taken."""
+        return self.param_groups[0]["step"] if self.param_groups else 0
+
+    @property
+    def switched_at(self) -> int | None:
+        """Step count at which the hybrid switch fired, or None."""
+        return self.param_groups[0]["switched_at"] if self.param_groups else None
+
+    def switch(self) -> None:
+        """Switch every group to its constant ``momentum`` from the next step on."""
+        if self.switched_at is not None:
+            return
+        for group in self.param_groups:
+            group["switched_at"] = group["step"]
+            group["momentum"] = self._momentum_for(group)
+
+    def observe(self, value: float) -> bool:
+        """Feed a metric (e.g. test accuracy); switches once ``value >= switch_metric``.
+
+        Returns True if the optimizer is switched after this call.
+        """
+        if self.switch_metric is not None and self.switched_at is None:
+            if float(value) >= self.switch_metric:
+                self.switch()
+        return self.switched_at is not None
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["hybrid"] = {"switch_step": self.switch_step, "switch_metric": self.switch_metric}
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        hybrid = state_dict.get("hybrid")
+        super().load_state_dict(state_dict)
+        if hybrid is not None:
+            self.switch_step = hybrid["switch_step"]
+            self.switch_metric = hybrid["switch_metric"]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["switch_step"] = self.switch_step
+        state["switch_metric"] = self.switch_metric
+        return state
+
+    # -- damping -------------------------------------------------------------------------------
+
+    def _momentum_for(self, group: dict) -> float:
+        if group["switched_at"] is not None:
+            return group["switch_momentum"]
+        return physics_momentum(group["lr"], group["mu_min"], group["mu_max"], group["curvature"])
+
+    def damping(self) -> list[DampingState]:
+        """Per group: lr now, the momentum the next step uses, mu_c and the regime."""
+        states = []
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            mu = self._momentum_for(group)
+            states.append(
+                DampingState(
+                    lr=lr,
+                    mu=mu,
+                    mu_c=critical_momentum(lr, group["curvature"]),
+                    regime=classify_regime(mu, lr, curvature=group["curvature"]),
+                    switched=group["switched_at"] is not None,
+                )
+            )
+        return states
+
+    # -- step ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Validate everything before anything changes: no half-updated optimizer.
+        for group in self.param_groups:
+            check_learning_rate(group["lr"], allow_zero=True)
+            check_gradients(p for p in group["params"] if p.grad is not None)
+
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+
+        for group in self.param_groups:
+            if self.switch_step is not None and group["switched_at"] is None:
+                if group["step"] >= self.switch_step:
+                    group["switched_at"] = self.switch_step
+            group["momentum"] = mu = self._momentum_for(group)
+            if group["fused"] and group["foreach"]:
+                raise RuntimeError("`foreach` and `fused` cannot both be True")
+            self._update_group(group, mu, grad_scale, found_inf)
+            group["step"] += 1
+        return loss
+
+    def _update_group(self, group, mu, grad_scale, found_inf) -> None:
+        kwargs = dict(
+            foreach=group["foreach"],
+            fused=group["fused"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            weight_decay=group["weight_decay"],
+            momentum=mu,
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        native, native_grads, native_bufs = [], [], []
+        upcast, upcast_grads, upcast_bufs = [], [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if param.dtype in _LOW_PRECISION:
+                upcast.append(param)
+                upcast_grads.append(param.grad.float())
+                upcast_bufs.append(state.get("momentum_buffer"))
+            else:
+                native.append(param)
+                native_grads.append(param.grad)
+                native_bufs.append(state.get("momentum_buffer"))
+
+        if native:
+            _torch_sgd(native, native_grads, native_bufs, **kwargs)
+            self._store_buffers(native, native_bufs, mu)
+        if upcast:
+            # fp32 working copies: the update is computed in fp32 and rounded once on write-back.
+            masters = [p.float() for p in upcast]
+            _torch_sgd(masters, upcast_grads, upcast_bufs, **kwargs)
+            for param, master in zip(upcast, masters):
+                param.copy_(master)
+            self._store_buffers(upcast, upcast_bufs, mu)
+
+    def _store_buffers(self, params, buffers, mu) -> None:
+        if mu == 0:
+            return  # torch's sgd keeps no buffer without momentum
+        for param, buf in zip(params, buffers):
+            self.state[param]["momentum_buffer"] = buf

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for dampopt's friction optimizers (installed as ``dampopt.kernels``)."""
