@@ -242,6 +242,10 @@ class PhysicsSGD(torch.optim.Optimizer):
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            # GradScaler found inf/NaN gradients: skip the step entirely, as the unfused path
+            # (where GradScaler never calls step) does, so the step count stays honest.
+            return loss
 
         for group in self.param_groups:
             if self.switch_step is not None and group["switched_at"] is None:
