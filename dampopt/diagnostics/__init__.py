@@ -1,1 +1,69 @@
-"""The paper's Scan -> Localize -> Diagnose -> Treat -> Verify pipeline."""
+"""The paper's Scan -> Localize -> Diagnose -> Treat -> Verify pipeline, for any classifier.
+
+1. Scan: :func:`scan_schedule`, :class:`RegimeMonitor` - damping regime of every epoch.
+2. Localize: :func:`localize` - layer groups pulled hardest by the misclassified examples.
+3. Diagnose: :func:`diagnose` - most frequent confusion pairs, each with its layer group.
+4. Treat: :func:`treat` (with :func:`friction_mask`) - retrain only those groups, on a copy.
+5. Verify: :func:`verify`, :func:`compute_saving` - fixed/new errors, exact McNemar p-value.
+
+Compare: :func:`compare_layers`, :func:`compare_errors`. Every result is a dataclass with
+``to_dict()`` (JSON-ready) and ``to_markdown()``; nothing here prints, plots or downloads.
+"""
+
+from .compare import ErrorComparison, LayerComparison, compare_errors, compare_layers
+from .diagnose import ConfusionPair, Diagnosis, confusion_pairs, diagnose
+from .groups import layer_groups, resolve_groups
+from .localize import (
+    CRITERIA,
+    RULES,
+    ErrorGradients,
+    Localization,
+    error_gradients,
+    localize,
+    select_problem_layers,
+)
+from .scan import RegimeMonitor, ScanReport, ScanRow, cosine_schedule, scan_schedule
+from .treat import OPTIMIZERS, TreatReport, friction_mask, treat
+from .verify import (
+    ComputeSaving,
+    Verification,
+    compute_saving,
+    mcnemar_exact,
+    predict,
+    verify,
+)
+
+__all__ = [
+    "CRITERIA",
+    "OPTIMIZERS",
+    "RULES",
+    "ComputeSaving",
+    "ConfusionPair",
+    "Diagnosis",
+    "ErrorComparison",
+    "ErrorGradients",
+    "LayerComparison",
+    "Localization",
+    "RegimeMonitor",
+    "ScanReport",
+    "ScanRow",
+    "TreatReport",
+    "Verification",
+    "compare_errors",
+    "compare_layers",
+    "compute_saving",
+    "confusion_pairs",
+    "cosine_schedule",
+    "diagnose",
+    "error_gradients",
+    "friction_mask",
+    "layer_groups",
+    "localize",
+    "mcnemar_exact",
+    "predict",
+    "resolve_groups",
+    "scan_schedule",
+    "select_problem_layers",
+    "treat",
+    "verify",
+]

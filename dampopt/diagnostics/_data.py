@@ -1,0 +1,126 @@
+"""Batches, devices and modes: what every pass over a loader needs.
+
+A loader yields ``(inputs, labels, ...)``: ``inputs`` a tensor, a tuple/list of tensors (passed
+as ``model(*inputs)``) or a dict (``model(**inputs)``); ``labels`` integer class indices. Extra
+items are ignored. The model returns logits ``[batch, classes]`` or an object with ``.logits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+
+def model_device(model: nn.Module, device=None) -> torch.device:
+    """``device`` if given, else the device of the model's first parameter."""
+    if device is not None:
+        return torch.device(device)
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def unpack(batch):
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise ValueError("a dict batch must hold the targets under 'labels'")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError("the loader must yield (inputs, labels) pairs or dicts with 'labels'")
+    return batch[0], batch[1]
+
+
+def to_device(inputs, device):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def select(inputs, index: torch.Tensor):
+    """Rows ``index`` of every tensor in ``inputs``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[index]
+    if isinstance(inputs, dict):
+        return {k: select(v, index) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(select(v, index) for v in inputs)
+    return inputs
+
+
+def logits_of(model: nn.Module, inputs) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        out = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        out = model(*inputs)
+    else:
+        out = model(inputs)
+    out = getattr(out, "logits", out)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError("the model must return logits of shape [batch, classes]")
+    return out
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise ValueError("labels must be a 1-D tensor of integer class indices")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) for a model with {num_classes} outputs, "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels
+
+
+def dataset_indices(loader):
+    """The dataset index of each position of the loader's iteration, when it is reproducible.
+
+    True for a DataLoader with a SequentialSampler (position == index) or a DistributedSampler
+    (its order depends only on seed and epoch). None otherwise (e.g. a shuffling loader, whose
+    next pass draws a new order): results then report positions in the iteration order.
+    """
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+        return None
+    sampler = loader.sampler
+    if isinstance(sampler, (SequentialSampler, DistributedSampler)):
+        return list(iter(sampler))
+    return None
+
+
+@contextlib.contextmanager
+def evaluation(model: nn.Module, params):
+    """Eval mode and ``requires_grad`` on ``params`` for the duration; both restored after.
+
+    Gradients are taken with ``torch.autograd.grad``, so ``.grad`` fields stay untouched too.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def gradients(loss: torch.Tensor, params, retain_graph: bool = False) -> list:
+    """fp32 gradients of ``loss`` w.r.t. ``params``; zeros for parameters it does not reach."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return [
+        torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+        for p, g in zip(params, grads)
+    ]

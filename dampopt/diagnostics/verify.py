@@ -1,0 +1,205 @@
+"""Step 5, Verify: what the treatment fixed and broke, and whether the difference is real.
+
+``fixed``: wrong before, right after; ``new``: right before, wrong after. The exact two-sided
+McNemar test asks whether ``fixed`` and ``new`` differ by more than chance: under the null each
+discordant example is a fair coin, so ``p = min(1, 2 * P(Binomial(fixed + new, 1/2) <=
+min(fixed, new)))``. For 62 fixed vs 40 new, p = 0.037.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from .._validation import check_non_negative
+from ._report import Report, markdown_table
+
+
+def mcnemar_exact(fixed: int, new: int) -> float:
+    """Exact two-sided McNemar p-value on the discordant counts (1.0 when there are none)."""
+    for name, value in (("fixed", fixed), ("new", new)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    n = fixed + new
+    if n == 0:
+        return 1.0
+    tail = Fraction(sum(math.comb(n, i) for i in range(min(fixed, new) + 1)), 2**n)
+    return float(min(Fraction(1), 2 * tail))
+
+
+def _as_labels(name: str, values) -> torch.Tensor:
+    tensor = torch.as_tensor(values).detach().cpu()
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of integer class indices")
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(f"{name} must hold class indices >= 0, got {int(tensor.min())}")
+    return tensor.long()
+
+
+def check_predictions(labels, named_predictions: dict, num_classes: int | None = None):
+    """Labels and predictions as equal-length int64 tensors, after range checks."""
+    labels = _as_labels("labels", labels)
+    if labels.numel() == 0:
+        raise ValueError("labels is empty")
+    checked = {}
+    for name, preds in named_predictions.items():
+        preds = _as_labels(name, preds)
+        if preds.shape != labels.shape:
+            raise ValueError(f"{name} has {preds.numel()} entries but labels has {labels.numel()}")
+        checked[name] = preds
+    if num_classes is not None:
+        for name, tensor in {"labels": labels, **checked}.items():
+            if int(tensor.max()) >= num_classes:
+                raise ValueError(f"{name} must be in [0, {num_classes}), got {int(tensor.max())}")
+    return labels, checked
+
+
+@dataclass
+class Verification(Report):
+    num_examples: int
+    errors_before: int
+    errors_after: int
+    accuracy_before: float  # fraction in [0, 1]
+    accuracy_after: float
+    fixed: int  # wrong before, right after
+    new: int  # right before, wrong after
+    net: int  # fixed - new
+    p_value: float  # exact two-sided McNemar on (fixed, new)
+    fixed_indices: list  # positions in the given sequences
+    new_indices: list
+
+    def to_markdown(self) -> str:
+        return markdown_table(
+            ["Metric", "Before", "After"],
+            [
+                ("Accuracy", self.accuracy_before, self.accuracy_after),
+                ("Total errors", self.errors_before, self.errors_after),
+                ("Errors fixed", None, self.fixed),
+                ("New errors", None, self.new),
+                ("Net improvement", None, f"{self.net:+d}"),
+                ("McNemar p (exact, two-sided)", None, self.p_value),
+            ],
+        )
+
+
+def verify(labels, preds_before, preds_after, num_classes: int | None = None) -> Verification:
+    """Before/after comparison of two prediction vectors on the same examples.
+
+    Args:
+        labels, preds_before, preds_after: equal-length sequences/tensors of class indices
+            (for example ``localization``-style ``predict`` outputs on a test set).
+        num_classes: if given, every value must be below it.
+    """
+    labels, preds = check_predictions(
+        labels, {"preds_before": preds_before, "preds_after": preds_after}, num_classes
+    )
+    right_before = preds["preds_before"] == labels
+    right_after = preds["preds_after"] == labels
+    fixed = (~right_before & right_after).nonzero().flatten().tolist()
+    new = (right_before & ~right_after).nonzero().flatten().tolist()
+    n = labels.numel()
+    return Verification(
+        num_examples=n,
+        errors_before=int((~right_before).sum()),
+        errors_after=int((~right_after).sum()),
+        accuracy_before=float(right_before.sum()) / n,
+        accuracy_after=float(right_after.sum()) / n,
+        fixed=len(fixed),
+        new=len(new),
+        net=len(fixed) - len(new),
+        p_value=mcnemar_exact(len(fixed), len(new)),
+        fixed_indices=fixed,
+        new_indices=new,
+    )
+
+
+@dataclass
+class ComputeSaving(Report):
+    """Two different measures of what a treatment saved versus full training; not to be mixed.
+
+    ``measured_*``: from wall-clock seconds that were actually measured. ``paper_*``: the
+    paper's accounting, (correction epochs x groups trained) / (training epochs x all groups),
+    a count, not a measurement.
+    """
+
+    correction_seconds: float | None
+    training_seconds: float | None
+    measured_fraction: float | None  # correction / training wall time
+    measured_saving: float | None  # 1 - measured_fraction
+    paper_fraction: float | None  # (epochs x groups) of correction over those of training
+    paper_saving: float | None
+
+    def to_markdown(self) -> str:
+        return markdown_table(
+            ["Measure", "Fraction of full training", "Saving"],
+            [
+                ("measured wall time", self.measured_fraction, self.measured_saving),
+                ("paper's epochs x groups figure (not measured)", self.paper_fraction,
+                 self.paper_saving),
+            ],
+        )
+
+
+def compute_saving(
+    correction_seconds: float | None = None,
+    training_seconds: float | None = None,
+    *,
+    correction_epochs: int | None = None,
+    training_epochs: int | None = None,
+    groups_trained: int | None = None,
+    total_groups: int | None = None,
+) -> ComputeSaving:
+    """Measured wall-time ratio and, separately, the paper's epochs x groups figure.
+
+    Either part is None when its inputs are not given. Example: the paper's 30 epochs x 3 of 7
+    groups over 200 epochs x 7 groups is 90 / 1400 = 6.4% (a 93.6% "saving" by that count).
+    """
+    measured = saving = None
+    if correction_seconds is not None or training_seconds is not None:
+        correction_seconds = check_non_negative("correction_seconds", correction_seconds)
+        training_seconds = check_non_negative("training_seconds", training_seconds)
+        if training_seconds == 0:
+            raise ValueError("training_seconds must be > 0")
+        measured = correction_seconds / training_seconds
+        saving = 1 - measured
+    paper = paper_saving = None
+    counts = (correction_epochs, training_epochs, groups_trained, total_groups)
+    if any(c is not None for c in counts):
+        names = ("correction_epochs", "training_epochs", "groups_trained", "total_groups")
+        for name, value in zip(names, counts):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1 (give all four counts), got {value!r}")
+        if groups_trained > total_groups:
+            raise ValueError(f"groups_trained ({groups_trained}) exceeds total_groups ({total_groups})")
+        paper = (correction_epochs * groups_trained) / (training_epochs * total_groups)
+        paper_saving = 1 - paper
+    return ComputeSaving(correction_seconds, training_seconds, measured, saving, paper, paper_saving)
+
+
+@torch.no_grad()
+def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, predictions)`` over ``loader``, as CPU int64 tensors in iteration order.
+
+    The model runs in eval mode (its modes are restored after). For :func:`verify`, predict
+    before and after treatment on the *same non-shuffling* loader so positions line up. Under
+    torch.distributed the ranks' parts are concatenated in rank order.
+    """
+    from .._distributed import all_gather_objects
+    from . import _data
+
+    device = _data.model_device(model, device)
+    labels_out, preds_out = [], []
+    with _data.evaluation(model, []):
+        for batch in loader:
+            inputs, labels = _data.unpack(batch)
+            logits = _data.logits_of(model, _data.to_device(inputs, device))
+            labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
+            labels_out.append(labels.cpu())
+            preds_out.append(logits.argmax(dim=1).cpu())
+    labels = torch.cat(labels_out) if labels_out else torch.zeros(0, dtype=torch.long)
+    preds = torch.cat(preds_out) if preds_out else torch.zeros(0, dtype=torch.long)
+    parts = all_gather_objects((labels, preds))
+    return torch.cat([p[0] for p in parts]).long(), torch.cat([p[1] for p in parts]).long()
