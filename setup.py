@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # kernels/ is installed as dampopt.kernels: an unrelated PyPI package owns the top-level name
 # "kernels", so nothing named kernels may land at the top of site-packages.
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dampopt", "dampopt.kernels", "dampopt.diagnostics"],
+    packages=find_packages(include=["dampopt", "dampopt.*"]) + ["dampopt.kernels"],
     package_dir={"dampopt": "dampopt", "dampopt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
