@@ -30,7 +30,9 @@ from ._friction import (
 from ._validation import check_non_negative
 
 
-def cadam_update(param, grad, momentum, second_moment, *, lr, gamma, c, alpha, eps, weight_decay=0.0):
+def cadam_update(
+    param, grad, momentum, second_moment, *, lr, gamma, c, alpha, eps, weight_decay=0.0
+):
     """One CADAM step on one tensor, in place (math in the state's dtype)."""
     h = math.sqrt(lr)
     p, zeta = momentum, second_moment
@@ -106,6 +108,4 @@ class CADAM(FrictionOptimizer):
         weight_decay: float = 0.0,
         backend: str = "auto",
     ):
-        super().__init__(
-            params, lr, weight_decay, backend, gamma=gamma, c=c, alpha=alpha, eps=eps
-        )
+        super().__init__(params, lr, weight_decay, backend, gamma=gamma, c=c, alpha=alpha, eps=eps)

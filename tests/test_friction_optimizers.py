@@ -144,8 +144,11 @@ def test_low_precision_params_keep_dtype_with_fp32_state(name, dtype, backend):
         reference.step()
         twin.data = twin.data.to(dtype).float()  # the fp32 reference sees the same roundings
     assert param.dtype == dtype
-    assert all(v.dtype == torch.float32 for k, v in optimizer.state[param].items()
-               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    assert all(
+        v.dtype == torch.float32
+        for k, v in optimizer.state[param].items()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
     torch.testing.assert_close(param.detach().float(), twin.detach(), rtol=0, atol=0)
 
 
@@ -154,12 +157,17 @@ def test_param_groups_with_different_hyperparameters(name):
     cls, hyper = CONFIGS[name]
     model, twin = _model(), _model()
     slow = dict(hyper, lr=hyper["lr"] / 4, gamma=1.0)
-    optimizer = cls([{"params": model[0].parameters(), **slow}, {"params": model[2].parameters()}], **hyper)
+    optimizer = cls(
+        [{"params": model[0].parameters(), **slow}, {"params": model[2].parameters()}], **hyper
+    )
     first = cls(twin[0].parameters(), **slow)
     second = cls(twin[2].parameters(), **hyper)
     for step in range(5):
         generator = torch.Generator().manual_seed(step)
-        x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        x, y = (
+            torch.randn(16, 6, generator=generator),
+            torch.randint(0, 3, (16,), generator=generator),
+        )
         for m, opts in ((model, [optimizer]), (twin, [first, second])):
             for o in opts:
                 o.zero_grad()
@@ -226,7 +234,9 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
         _train(model, optimizer, 4)
         path, out = tmp_path / f"{name}.pt", tmp_path / f"{name}.out"
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-        script = RESUME_SCRIPT.format(tests=os.path.dirname(__file__), name=name, path=str(path), out=str(out))
+        script = RESUME_SCRIPT.format(
+            tests=os.path.dirname(__file__), name=name, path=str(path), out=str(out)
+        )
         subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
         assert torch.equal(torch.load(out), _flat(straight)), name
 

@@ -9,8 +9,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_wheel_installs_kernels_as_a_subpackage_only(tmp_path):
     """An unrelated PyPI package owns the top-level name `kernels`: never ship one."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         str(ROOT), "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         timeout=300,
     )

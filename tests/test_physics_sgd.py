@@ -43,8 +43,16 @@ def _flat(model):
 def test_bit_identical_to_torch_sgd_when_momentum_is_pinned(path, flags):
     paths = dict(single=dict(foreach=False), foreach=dict(foreach=True), fused=dict(fused=True))
     ours, theirs = _model(), _model()
-    _train(ours, PhysicsSGD(ours.parameters(), lr=0.05, mu_min=0.9, mu_max=0.9, **flags, **paths[path]), 100)
-    _train(theirs, torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, **flags, **paths[path]), 100)
+    _train(
+        ours,
+        PhysicsSGD(ours.parameters(), lr=0.05, mu_min=0.9, mu_max=0.9, **flags, **paths[path]),
+        100,
+    )
+    _train(
+        theirs,
+        torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, **flags, **paths[path]),
+        100,
+    )
     assert torch.equal(_flat(ours), _flat(theirs))
 
 
@@ -130,7 +138,9 @@ def test_damping_reports_lr_mu_critical_value_and_regime():
     assert state.mu_c == pytest.approx(critical_momentum(0.1))
     assert state.regime == "underdamped"  # clamped: 0.5 - 0.368 > 0.05
     optimizer.param_groups[0]["lr"] = 0.01
-    assert optimizer.damping()[0].regime == "critical" and optimizer.damping()[0].mu == pytest.approx(0.8)
+    assert optimizer.damping()[0].regime == "critical" and optimizer.damping()[
+        0
+    ].mu == pytest.approx(0.8)
     optimizer.switch()
     assert optimizer.damping()[0].to_dict()["mu"] == 0.9 and optimizer.damping()[0].switched
 
@@ -204,7 +214,7 @@ def test_low_precision_params_keep_dtype_with_fp32_state_and_math(dtype):
         # fp32 reference from the rounded param and rounded grad, one rounding at the end
         g = grad.to(dtype).float()
         buffer = g.clone() if buffer is None else 0.8 * buffer + g
-        expected = (expected.to(dtype).float() - 0.01 * buffer)
+        expected = expected.to(dtype).float() - 0.01 * buffer
     assert param.dtype == dtype
     assert optimizer.state[param]["momentum_buffer"].dtype == torch.float32
     assert torch.equal(param.detach(), expected.to(dtype))
@@ -238,7 +248,10 @@ def test_torch_compile_of_the_step_matches_eager():
     compiled_step = torch.compile(compiled_opt.step, backend="aot_eager")
     for step in range(5):
         x, y = _batch(step)
-        for model, opt, stepper in ((eager, eager_opt, eager_opt.step), (compiled_model, compiled_opt, compiled_step)):
+        for model, opt, stepper in (
+            (eager, eager_opt, eager_opt.step),
+            (compiled_model, compiled_opt, compiled_step),
+        ):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             stepper()
