@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from ._distributed import local_tensor
 from ._validation import check_gradients, check_learning_rate, check_non_negative
 
 BACKENDS = ("auto", "torch", "loop", "triton", "compiled")
@@ -144,12 +145,14 @@ class FrictionOptimizer(torch.optim.Optimizer):
                 buckets[(param.device, param.dtype)].append(i)
             for (device, _), index in buckets.items():
                 backend = resolve_backend(group["backend"], device)
+                # FSDP2 parameters, grads and state are DTensors: every backend works on this
+                # rank's shards (views), so no full parameter is ever gathered.
                 sums = run_backend(
                     self,
                     backend,
-                    [params[i] for i in index],
-                    [grads[i] for i in index],
-                    [[state[i] for i in index] for state in states],
+                    [local_tensor(params[i]) for i in index],
+                    [local_tensor(grads[i]) for i in index],
+                    [[local_tensor(state[i]) for i in index] for state in states],
                     kwargs,
                 )
                 if self.returns_sums:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ._distributed import local_tensor, sum_over_shards
 from ._friction import (
     FrictionOptimizer,
     relaxation_weight,
@@ -148,7 +149,11 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
             state["friction_steps"] += 1
 
     def friction(self, param: torch.Tensor) -> torch.Tensor:
-        """The per-element friction xi of ``param`` (zeros before its first step)."""
+        """The per-element friction xi of ``param`` (zeros before its first step).
+
+        Under FSDP2 this is a DTensor sharded like ``param``: ``.to_local()`` is this rank's
+        shard, ``.full_tensor()`` gathers the whole tensor.
+        """
         state = self.state.get(param)
         if not state:
             return torch.zeros_like(param, dtype=torch.float32)
@@ -160,11 +165,16 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
         Keys are names when ``named_parameters`` (e.g. ``model.named_parameters()``) is given,
         else the parameters' positions in the order of ``param_groups``. Tensors that have not
         stepped yet report zeros.
+
+        Under FSDP2 (DTensor parameters) each rank holds xi for its shard only: the sums of xi
+        are added up over the ranks and ``numel`` is the global size, so every rank reports the
+        numbers an unsharded run would. That makes this a collective: call it on every rank,
+        with the same ``named_parameters``.
         """
         names = {}
         if named_parameters is not None:
             names = {id(p): n for n, p in named_parameters}
-        summary = {}
+        keys, params = [], []
         index = 0
         for group in self.param_groups:
             for param in group["params"]:
@@ -172,15 +182,26 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
                 index += 1
                 if names and id(param) not in names:
                     continue
-                state = self.state.get(param)
-                numel = param.numel()
-                if not state:
-                    summary[key] = FrictionStats(numel, 0.0, 0.0, 0)
-                    continue
-                summary[key] = FrictionStats(
-                    numel=numel,
-                    mean=state["friction_sum"].item() / max(numel, 1),
-                    accumulated=state["friction_sum_total"].item() / max(numel, 1),
-                    steps=state["friction_steps"],
-                )
+                keys.append(key)
+                params.append(param)
+        totals = sum_over_shards(params, [self._friction_sums(p) for p in params])
+        summary = {}
+        for key, param, total in zip(keys, params, totals):
+            numel = param.numel()  # a DTensor's numel is its global size
+            state = self.state.get(param)
+            steps = state["friction_steps"] if state else 0
+            last, accumulated = total.tolist()
+            summary[key] = FrictionStats(
+                numel=numel,
+                mean=last / max(numel, 1),
+                accumulated=accumulated / max(numel, 1),
+                steps=steps,
+            )
         return summary
+
+    def _friction_sums(self, param) -> torch.Tensor:
+        """(sum of xi after the last step, that sum added over steps) on this rank's shard."""
+        state = self.state.get(param)
+        if not state:
+            return torch.zeros(2, dtype=torch.float64, device=local_tensor(param).device)
+        return torch.stack([state["friction_sum"], state["friction_sum_total"]]).double()
