@@ -1,4 +1,4 @@
-"""Shared behaviour of the result dataclasses: ``to_dict()`` for JSON, ``to_markdown()`` for reading.
+"""What every result dataclass shares: ``to_dict()`` for JSON, ``to_markdown()`` for reading.
 
 Computing never prints: every diagnostic returns one of these and the caller decides what to show.
 """

@@ -72,7 +72,9 @@ class ErrorComparison(Report):
     def to_markdown(self) -> str:
         rows = [(f"Common errors (all {len(self.models)} wrong)", self.common_errors)]
         rows += [(f"Only {m} wrong", self.only_wrong[m]) for m in self.models]
-        rows += [(f"{r['correct']} correct, {r['wrong']} wrong", r["count"]) for r in self.correct_wrong]
+        rows += [
+            (f"{r['correct']} correct, {r['wrong']} wrong", r["count"]) for r in self.correct_wrong
+        ]
         rows += [(f"{m} errors", self.errors[m]) for m in self.models]
         return markdown_table(["Category", "Count"], rows)
 

@@ -56,7 +56,11 @@ def confusion_pairs(labels, predictions, top: int = 7) -> list:
 
 
 def diagnose(
-    model: nn.Module, loader, localization: Localization, top: int = 7, class_names=None,
+    model: nn.Module,
+    loader,
+    localization: Localization,
+    top: int = 7,
+    class_names=None,
     device=None,
 ) -> Diagnosis:
     """Most frequent confusion pairs of ``localization``'s errors, each with its layer.
@@ -78,8 +82,12 @@ def diagnose(
     groups = _candidate_groups(model, localization, candidates)
     chosen = confusion_pairs(localization.error_labels, localization.error_predictions, top)
     if not chosen:
-        return Diagnosis([], candidates, localization.num_errors,
-                         "no misclassified examples: no confusion to diagnose")
+        return Diagnosis(
+            [],
+            candidates,
+            localization.num_errors,
+            "no misclassified examples: no confusion to diagnose",
+        )
 
     params = [p for name in candidates for p in groups[name]]
     pair_index = {pair: i for i, (pair, _) in enumerate(chosen)}
@@ -103,12 +111,13 @@ def diagnose(
                 continue
             rows = torch.tensor([r for rs in members.values() for r in rs], device=device)
             losses = F.cross_entropy(
-                _data.logits_of(model, _data.select(inputs, rows)).float(), labels[rows],
+                _data.logits_of(model, _data.select(inputs, rows)).float(),
+                labels[rows],
                 reduction="none",
             )
             start = 0
             for n, (index, rs) in enumerate(members.items()):
-                part = losses[start:start + len(rs)].sum()
+                part = losses[start : start + len(rs)].sum()
                 start += len(rs)
                 grads = _data.gradients(part, params, retain_graph=n < len(members) - 1)
                 for total, grad in zip(sums[index], grads):
@@ -122,9 +131,11 @@ def diagnose(
         count = int(counts[index])
         norms, offset = {}, 0
         for name in candidates:
-            block = sums[index][offset:offset + len(groups[name])]
+            block = sums[index][offset : offset + len(groups[name])]
             offset += len(groups[name])
-            norms[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in block)) / max(count, 1)
+            norms[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in block)) / max(
+                count, 1
+            )
         layer = max(candidates, key=lambda name: norms[name]) if count else None
         pairs.append(ConfusionPair(t, p, count, names(t), names(p), layer, norms))
     message = (

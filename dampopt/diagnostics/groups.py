@@ -24,11 +24,25 @@ def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
-def _depth_group(name: str, depth: int) -> str:
+# Pure containers have no forward of their own: they are not a level of the model. With this,
+# depth 2 of ``model.encoder.layers[i]`` (a ModuleList) names transformer blocks
+# ``encoder.layers.0``, as depth 2 of torchvision's resnet (Sequentials) names residual blocks.
+_TRANSPARENT = (nn.ModuleList, nn.ModuleDict)
+
+
+def _depth_group(model: nn.Module, name: str, depth: int, cache: dict) -> str:
     *module_path, _ = name.split(".")
     if not module_path:
         return name  # a parameter held by the model itself (e.g. a ViT's cls_token)
-    return ".".join(module_path[:depth])
+    level = 0
+    for end in range(1, len(module_path) + 1):
+        prefix = ".".join(module_path[:end])
+        if prefix not in cache:
+            cache[prefix] = isinstance(model.get_submodule(prefix), _TRANSPARENT)
+        level += not cache[prefix]
+        if level == depth:
+            return prefix
+    return ".".join(module_path)
 
 
 def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -> dict:
@@ -38,9 +52,10 @@ def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -
         model: any ``nn.Module`` with at least one parameter.
         depth: how many levels of the module tree name a group. 1: the top-level children
             (torchvision's resnet18: conv1, bn1, layer1..layer4, fc); 2: one level down
-            (residual blocks ``layer1.0``, transformer blocks ``layers.0``...). A parameter held
-            by a module shallower than ``depth`` groups under that module (``conv1`` at depth 2);
-            one held by the model itself forms its own group under its own name.
+            (residual blocks ``layer1.0``; transformer blocks ``encoder.layers.0``). ModuleList
+            and ModuleDict are containers, not levels: their entries count at the container's
+            own level. A parameter held by a module shallower than ``depth`` groups under that
+            module (``conv1`` at depth 2); one held by the model itself forms its own group.
         pattern: optional regex matched (``re.match``) against each parameter name; a matching
             parameter goes to the group named by the first capture group if the pattern has one,
             else by the whole match. Parameters it does not match are grouped by ``depth``.
@@ -57,12 +72,13 @@ def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -
         except re.error as error:
             raise ValueError(f"pattern is not a valid regular expression: {error}") from None
     groups: dict[str, list] = {}
+    cache: dict[str, bool] = {}
     for name, param in _named_parameters(model):
         match = regex.match(name) if regex is not None else None
         if match is not None and (match.group(1) if regex.groups else match.group(0)):
             key = match.group(1) if regex.groups else match.group(0)
         else:
-            key = _depth_group(name, depth)
+            key = _depth_group(model, name, depth, cache)
         groups.setdefault(key, []).append(param)
     return groups
 
@@ -91,7 +107,9 @@ def resolve_groups(model: nn.Module, groups=None, argument: str = "groups") -> d
             if not params:
                 raise ValueError(f"{argument}[{key!r}] holds no parameters")
             if any(id(p) not in owned for p in params):
-                raise ValueError(f"{argument}[{key!r}] holds a tensor that is not a parameter of model")
+                raise ValueError(
+                    f"{argument}[{key!r}] holds a tensor that is not a parameter of model"
+                )
             resolved[str(key)] = params
         if not resolved:
             raise ValueError(f"{argument} is empty")

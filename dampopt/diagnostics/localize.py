@@ -114,14 +114,18 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
                 labels[chosen],
                 reduction="none",
             )
-            _accumulate(error_sums, _data.gradients(losses[: len(wrong)].sum(), params, len(right) > 0))
+            _accumulate(
+                error_sums, _data.gradients(losses[: len(wrong)].sum(), params, len(right) > 0)
+            )
             if len(right):
-                _accumulate(correct_sums, _data.gradients(losses[len(wrong):].sum(), params))
+                _accumulate(correct_sums, _data.gradients(losses[len(wrong) :].sum(), params))
             errors += len(wrong)
             correct += len(right)
     for tensor in error_sums + correct_sums:
         all_reduce_sum_(tensor)
-    counts = all_reduce_sum_(torch.tensor([seen, errors, correct], dtype=torch.float64, device=device))
+    counts = all_reduce_sum_(
+        torch.tensor([seen, errors, correct], dtype=torch.float64, device=device)
+    )
     indices, index_kind = _global_indices(loader, positions, seen)
     gathered = all_gather_objects((indices, labels_wrong, preds_wrong))
     indices = [i for part in gathered for i in part[0]]
@@ -236,7 +240,9 @@ def localize(
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     select_problem_layers({}, rule, k)  # validates rule and k before any work
     if criterion == "friction" and not hasattr(optimizer, "friction_summary"):
-        raise ValueError("criterion='friction' needs optimizer= an iKFAD optimizer (friction_summary)")
+        raise ValueError(
+            "criterion='friction' needs optimizer= an iKFAD optimizer (friction_summary)"
+        )
     if loader is None and criterion != "friction":
         raise ValueError(f"loader is required for criterion={criterion!r}")
     groups = resolve_groups(model, groups)

@@ -25,8 +25,7 @@ def cosine_schedule(lr_max: float, lr_min: float, epochs: int) -> list[float]:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     return [
-        lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2
-        for e in range(epochs)
+        lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)
     ]
 
 
@@ -91,7 +90,9 @@ def scan_schedule(lrs, mus, tol: float = 0.05, curvature: float = 1.0) -> ScanRe
         mus = [float(mus)] * len(lrs)
     mus = [float(mu) for mu in mus]
     if len(mus) != len(lrs):
-        raise ValueError(f"mus must be one number or have len(lrs)={len(lrs)} values, got {len(mus)}")
+        raise ValueError(
+            f"mus must be one number or have len(lrs)={len(lrs)} values, got {len(mus)}"
+        )
     tol = check_non_negative("tol", tol)
     curvature = check_non_negative("curvature", curvature)
     rows = []
@@ -130,7 +131,9 @@ class RegimeMonitor:
     def __post_init__(self):
         groups = getattr(self.optimizer, "param_groups", None)
         if groups is None:
-            raise TypeError(f"optimizer must be a torch optimizer, got {type(self.optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch optimizer, got {type(self.optimizer).__name__}"
+            )
         if not 0 <= self.group < len(groups):
             raise ValueError(f"group must be in [0, {len(groups)}), got {self.group}")
         self._momentum_key()  # fail now, not at the end of the first epoch

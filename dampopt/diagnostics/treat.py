@@ -43,7 +43,8 @@ def friction_mask(optimizer, fraction: float = 0.15) -> dict:
     """
     if not callable(getattr(optimizer, "friction", None)):
         raise TypeError(
-            f"optimizer must be an iKFAD optimizer (it has friction()), got {type(optimizer).__name__}"
+            "optimizer must be an iKFAD optimizer (one with friction()), got "
+            f"{type(optimizer).__name__}"
         )
     fraction = check_non_negative("fraction", fraction)
     if not 0 < fraction <= 1:
@@ -58,7 +59,7 @@ def friction_mask(optimizer, fraction: float = 0.15) -> dict:
     chosen[torch.topk(flat, keep).indices] = True
     masks, start = {}, 0
     for p in params:
-        masks[p] = chosen[start:start + p.numel()].view_as(p).to(p.device)
+        masks[p] = chosen[start : start + p.numel()].view_as(p).to(p.device)
         start += p.numel()
     return masks
 
@@ -206,7 +207,9 @@ def treat(
             loss_sum += loss.detach().double() * len(labels)
             count += len(labels)
             steps += 1
-        totals = all_reduce_sum_(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+        totals = all_reduce_sum_(
+            torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
+        )
         losses.append(float(totals[0] / totals[1]) if totals[1] > 0 else 0.0)
         momenta.append(_momentum_of(opt))
     _synchronize(device)
@@ -216,8 +219,22 @@ def treat(
         p.requires_grad_(flags[name])
     for source, target in zip(model.modules(), corrected.modules()):
         target.training = source.training
-    report = _report(model, names, element_masks, layer_names, mask is not None, epochs, steps,
-                     optimizer_name, lrs, momenta, losses, ewc, weight_decay, wall)
+    report = _report(
+        model,
+        names,
+        element_masks,
+        layer_names,
+        mask is not None,
+        epochs,
+        steps,
+        optimizer_name,
+        lrs,
+        momenta,
+        losses,
+        ewc,
+        weight_decay,
+        wall,
+    )
     return corrected, report
 
 
@@ -239,12 +256,17 @@ def _trainable(model, names, layers, mask):
         return {name: None for name in names.values() if name in chosen_layers}, layer_names
     by_name = dict(model.named_parameters())
     if not isinstance(mask, dict):
-        raise TypeError(f"mask must be a dict {{parameter or name: bool tensor}}, got {type(mask).__name__}")
+        raise TypeError(
+            f"mask must be a dict {{parameter or name: bool tensor}}, got {type(mask).__name__}"
+        )
     masks = {}
     for key, value in mask.items():
         name = key if isinstance(key, str) else names.get(id(key))
         if name not in by_name:
-            raise ValueError(f"mask key {key if isinstance(key, str) else 'tensor'!r} is not a parameter of model")
+            raise ValueError(
+                f"mask key {key if isinstance(key, str) else 'tensor'!r} is not a parameter "
+                "of model"
+            )
         value = torch.as_tensor(value)
         if value.dtype != torch.bool or value.shape != by_name[name].shape:
             raise ValueError(
@@ -318,8 +340,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _report(model, names, element_masks, layer_names, masked, epochs, steps, optimizer_name,
-            lrs, momenta, losses, ewc, weight_decay, wall) -> TreatReport:
+def _report(
+    model,
+    names,
+    element_masks,
+    layer_names,
+    masked,
+    epochs,
+    steps,
+    optimizer_name,
+    lrs,
+    momenta,
+    losses,
+    ewc,
+    weight_decay,
+    wall,
+) -> TreatReport:
     by_name = dict(model.named_parameters())
     total_elements = sum(p.numel() for p in by_name.values())
     trainable_elements = sum(

@@ -137,8 +137,11 @@ class ComputeSaving(Report):
             ["Measure", "Fraction of full training", "Saving"],
             [
                 ("measured wall time", self.measured_fraction, self.measured_saving),
-                ("paper's epochs x groups figure (not measured)", self.paper_fraction,
-                 self.paper_saving),
+                (
+                    "paper's epochs x groups figure (not measured)",
+                    self.paper_fraction,
+                    self.paper_saving,
+                ),
             ],
         )
 
@@ -171,12 +174,18 @@ def compute_saving(
         names = ("correction_epochs", "training_epochs", "groups_trained", "total_groups")
         for name, value in zip(names, counts):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1 (give all four counts), got {value!r}")
+                raise ValueError(
+                    f"{name} must be an int >= 1 (give all four counts), got {value!r}"
+                )
         if groups_trained > total_groups:
-            raise ValueError(f"groups_trained ({groups_trained}) exceeds total_groups ({total_groups})")
+            raise ValueError(
+                f"groups_trained ({groups_trained}) exceeds total_groups ({total_groups})"
+            )
         paper = (correction_epochs * groups_trained) / (training_epochs * total_groups)
         paper_saving = 1 - paper
-    return ComputeSaving(correction_seconds, training_seconds, measured, saving, paper, paper_saving)
+    return ComputeSaving(
+        correction_seconds, training_seconds, measured, saving, paper, paper_saving
+    )
 
 
 @torch.no_grad()
