@@ -32,6 +32,8 @@ def mcnemar_exact(fixed: int, new: int) -> float:
 
 def _as_labels(name: str, values) -> torch.Tensor:
     tensor = torch.as_tensor(values).detach().cpu()
+    if tensor.numel() == 0:
+        return tensor.reshape(0).long()  # [] becomes float32 in torch: no dtype to judge
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() != 1:
         raise ValueError(f"{name} must be a 1-D sequence of integer class indices")
     if tensor.numel() and int(tensor.min()) < 0:
