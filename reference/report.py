@@ -1,0 +1,509 @@
+"""Tables 3-14 as "paper | this run", and the paper's claims checked against this run.
+
+Computing is in experiments.py; this module only arranges numbers. Each table is a dict
+``{"id", "title", "note", "columns": [{"name", "paper", "format"}], "rows": [{"label",
+"paper": [...], "values": [...]}]}`` in which ``values`` holds one entry per seed; rendering
+shows one seed's value or the mean +- std over seeds. The paper's numbers below are copied
+from its Tables 3-14 (ResNet-18 on CIFAR-10, seed 42).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from presets import Preset
+
+METHOD_LABELS = {
+    "baseline": "Baseline (mu = 0.9)",
+    "1cycle": "1cycle (Smith)",
+    "physics": "Physics (mu = 1 - 2 sqrt(lr))",
+    "ikfad": "iKFAD",
+    "cd": "CD (cubic damping)",
+    "adam": "Adam",
+    "hybrid-mid": "Hybrid-mid (paper: Hybrid-90)",
+    "hybrid-epoch": "Hybrid-epoch (paper: Hybrid-ep52)",
+}
+GROUP_ORDER = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+
+PAPER_THRESHOLDS = ("80%", "85%", "90%", "92%", "95%")
+PAPER = {
+    "table3": {"baseline": (0.9554, 5127), "1cycle": (0.9529, 5100), "physics": (0.9502, 5128)},
+    "table4": {"baseline": (13, 26, 100, 139, 172), "1cycle": (10, 14, 144, 161, 187),
+               "physics": (8, 14, 52, 101, 190)},
+    "table5": {"baseline": (0.3727, 0.7743, 0.8680), "1cycle": (0.2470, 0.8055, 0.8315),
+               "physics": (0.4788, 0.8268, 0.8916)},
+    "table6": {"baseline": (170, 21, 9), "1cycle": (138, 48, 14), "physics": (0, 200, 0)},
+    "table7": {"common": 215, "baseline": 104, "physics": 138, "1cycle": 96,
+               "physics_right_baseline_wrong": 172},
+    "table8": {"layer3": (10.56, "Problem"), "conv1": (9.14, "Problem"),
+               "layer2": (8.58, "Problem"), "layer1": (7.43, "Normal"),
+               "layer4": (7.38, "Normal"), "bn1": (4.99, "Normal"), "fc": (0.86, "Normal")},
+    "table9": ["cat -> dog (layer3)", "dog -> cat (layer3)", "cat -> bird (layer2)",
+               "deer -> dog (conv1)", "horse -> bird (conv1)", "ship -> airplane (layer2)",
+               "frog -> dog (layer3)"],
+    "table10": {"accuracy_before": 0.9548, "accuracy_after": 0.9554, "errors_before": 452,
+                "errors_after": 446, "fixed": 55, "new": 49, "net": 6,
+                "compute": "30 x 3 layers", "saving": "~82%"},
+    "table11": {"cd": (0.9562, 453), "baseline": (0.9551, 453), "ikfad": (0.9539, 468),
+                "physics": (0.9512, 496), "adam": (0.9368, 647)},
+    "table12": {"sgd": "layer3, conv1, layer2", "ikfad": "bn1, layer3, layer2",
+                "adam": "conv1, layer2, layer3", "sgd_ikfad": "layer3, layer2 (2/3)",
+                "sgd_adam": "conv1, layer2, layer3 (3/3)"},
+    "table13": {"before": 0.9547,
+                "A": (0.9554, 62, 55, 7), "B": (0.9569, 62, 40, 22), "C": (0.9530, 42, 59, -17),
+                "D": (0.9537, 46, 56, -10), "E": (0.9351, 146, 148, -2)},
+    "table14": {"baseline": (0.9533, 13, 31, 96, 139, 175, None),
+                "physics": (0.9511, 8, 13, 45, 88, 183, None),
+                "1cycle": (0.9536, 17, 43, 85, 137, 179, None),
+                "hybrid-mid": (0.9530, 7, 12, 46, 136, 170, 47),
+                "hybrid-epoch": (0.9536, 8, 12, 109, 136, 173, 52)},
+}  # fmt: skip
+CORRECTION_METHODS = {
+    "A": "A: grad attr. (layers)",
+    "B": "B: iKFAD friction (layers)",
+    "C": "C: friction top 30% (params)",
+    "D": "D: friction top 15% (params)",
+    "E": "E: Adam, grad attr. (layers)",
+}
+
+
+def _column(name, paper=None, fmt="num"):
+    return {"name": name, "paper": paper if paper is not None else name, "format": fmt}
+
+
+def _row(label, paper, values):
+    return {"label": label, "paper": list(paper), "values": [[v] for v in values]}
+
+
+def _threshold_columns(preset: Preset):
+    return [_column(f"{ours:.0%}", paper, "epoch")
+            for paper, ours in zip(PAPER_THRESHOLDS, preset.thresholds)]  # fmt: skip
+
+
+def build_tables(results: dict, preset: Preset) -> list:
+    """The tables of one seed's ``results`` (experiments.run_seed)."""
+    e1, e2, e3, e4 = (results[f"experiment_{i}"] for i in range(1, 5))
+    m1 = e1["methods"]
+    trio = ("baseline", "1cycle", "physics")
+    tables = []
+
+    tables.append({
+        "id": "3", "title": "Final accuracy",
+        "note": "Best test accuracy over epochs; training time is measured wall time.",
+        "columns": [_column("Best test accuracy", fmt="acc"),
+                    _column("Training time (s)", fmt="seconds")],
+        "rows": [_row(METHOD_LABELS[m], PAPER["table3"][m],
+                      [m1[m]["best_accuracy"], m1[m]["training_seconds"]]) for m in trio],
+    })
+    tables.append({
+        "id": "4", "title": "Epochs to reach accuracy thresholds",
+        "note": "Column headers: this run's threshold (the paper's in the paper column). "
+                "'-' = not reached.",
+        "columns": _threshold_columns(preset),
+        "rows": [_row(METHOD_LABELS[m], PAPER["table4"][m],
+                      [m1[m]["epochs_to"][f"{t:.0%}"] for t in preset.thresholds])
+                 for m in trio],
+    })
+    tables.append({
+        "id": "5", "title": "Early training accuracy",
+        "note": "The paper's epochs 1, 10, 50 of 200 at the same fractions of this run's epochs.",
+        "columns": [_column(f"Epoch {ours}", f"Epoch {paper}", "acc")
+                    for paper, ours in zip((1, 10, 50), preset.early_epochs)],
+        "rows": [_row(METHOD_LABELS[m], PAPER["table5"][m],
+                      [m1[m]["accuracy_at"][str(e)] for e in preset.early_epochs])
+                 for m in trio],
+    })
+    tables.append({
+        "id": "6", "title": "Damping regime of every epoch",
+        "note": f"Counts over {preset.epochs} epochs (paper: 200); tol 0.05 on mu - mu_c. "
+                "The paper counts its clamped physics phase as critical; the rule as written "
+                "(update-rules.md) can count it underdamped.",
+        "columns": [_column("Underdamped", fmt="int"), _column("Critical", fmt="int"),
+                    _column("Overdamped", fmt="int")],
+        "rows": [_row(METHOD_LABELS[m], PAPER["table6"][m],
+                      [m1[m]["regimes"][r] for r in ("underdamped", "critical", "overdamped")])
+                 for m in trio],
+    })
+
+    errors = e2["errors"]
+    pair = {(p["correct"], p["wrong"]): p["count"] for p in errors["correct_wrong"]}
+    p7 = PAPER["table7"]
+    tables.append({
+        "id": "7", "title": "Cross-model error analysis",
+        "note": f"On {results['test_size']} test images.",
+        "columns": [_column("Count", fmt="int")],
+        "rows": [
+            _row("Common errors (all 3 methods wrong)", [p7["common"]], [errors["common_errors"]]),
+            _row("Only baseline wrong", [p7["baseline"]], [errors["only_wrong"]["baseline"]]),
+            _row("Only physics wrong", [p7["physics"]], [errors["only_wrong"]["physics"]]),
+            _row("Only 1cycle wrong", [p7["1cycle"]], [errors["only_wrong"]["1cycle"]]),
+            _row("Physics correct, baseline wrong", [p7["physics_right_baseline_wrong"]],
+                 [pair[("physics", "baseline")]]),
+        ],
+    })
+
+    where = e2["localization"]
+    problems = set(where["problem_layers"])
+    tables.append({
+        "id": "8", "title": "Per-layer gradient norms on misclassified images (baseline)",
+        "note": f"{where['message']}. Flagged: above the median. Specificity: grad norm on "
+                "errors over grad norm on an equal-size sample of correct images.",
+        "columns": [_column("Grad norm", fmt="float"), _column("Status", fmt="text"),
+                    _column("Specificity", "-", "float")],
+        "rows": [_row(g, (*PAPER["table8"][g], None),
+                      [where["grad_norms"][g], "Problem" if g in problems else "Normal",
+                       where["specificity"][g]]) for g in GROUP_ORDER],
+    })
+    pairs = e2["diagnosis"]["pairs"]
+    tables.append({
+        "id": "9", "title": "Most frequent confusion pairs (baseline) with layer attribution",
+        "note": "true -> predicted (attributed layer), count.",
+        "columns": [_column("Confusion", fmt="text")],
+        "rows": [_row(f"#{i + 1}", [PAPER["table9"][i]],
+                      [_confusion(pairs[i]) if i < len(pairs) else None]) for i in range(7)],
+    })
+    a = e2["correction"]
+    p10 = PAPER["table10"]
+    tables.append({
+        "id": "10", "title": "Surgical correction of the flagged layers (Method A)",
+        "note": f"Retrained {', '.join(a['layers'])} for {preset.correction_epochs} epochs from "
+                f"lr {preset.correction_lr} with physics momentum. Saving (count): "
+                "1 - (epochs x groups) / (training epochs x 7); saving (measured): 1 - "
+                "correction wall time / baseline training wall time.",
+        "columns": [_column("Value", fmt="auto")],
+        "rows": [
+            _row("Accuracy before", [p10["accuracy_before"]], [_acc(a["accuracy_before"])]),
+            _row("Accuracy after", [p10["accuracy_after"]], [_acc(a["accuracy_after"])]),
+            _row("Total errors before", [p10["errors_before"]], [a["errors_before"]]),
+            _row("Total errors after", [p10["errors_after"]], [a["errors_after"]]),
+            _row("Errors fixed", [p10["fixed"]], [a["fixed"]]),
+            _row("New errors", [p10["new"]], [a["new"]]),
+            _row("Net improvement", [_signed(p10["net"])], [_signed(a["net"])]),
+            _row("McNemar p (exact)", [None], [a["p_value"]]),
+            _row("Compute (epochs x layers)", [p10["compute"]],
+                 [f"{preset.correction_epochs} x {len(a['layers'])} layers"]),
+            _row("Compute saving (count)", [p10["saving"]], [_pct(a["saving"]["paper_saving"])]),
+            _row("Compute saving (measured)", [None], [_pct(a["saving"]["measured_saving"])]),
+        ],
+    })
+
+    t3 = e3["trainings"]
+    tables.append({
+        "id": "11", "title": "Five training methods",
+        "note": "Errors: misclassified test images of the final model.",
+        "columns": [_column("Best test accuracy", fmt="acc"), _column("Errors", fmt="int")],
+        "rows": [_row(METHOD_LABELS[m], PAPER["table11"][m],
+                      [t3[m]["best_accuracy"], t3[m]["errors"]]) for m in t3],
+    })
+    layers, overlap = e3["layers"], e3["overlap"]
+    p12 = PAPER["table12"]
+
+    def shared(comparison):
+        return (f"{', '.join(comparison['intersection']) or 'none'} "
+                f"({len(comparison['intersection'])}/{len(comparison['a'])})")
+
+    tables.append({
+        "id": "12", "title": "Problem layers found by each diagnostic",
+        "note": "Gradient attribution flags above the median; iKFAD ranks groups by accumulated "
+                "friction per element.",
+        "columns": [_column("Problem layers", fmt="text")],
+        "rows": [
+            _row("Ours (grad attr. on SGD baseline)", [p12["sgd"]], [", ".join(layers["sgd"])]),
+            _row("iKFAD (friction xi)", [p12["ikfad"]], [", ".join(layers["ikfad"])]),
+            _row("Ours (grad attr. on Adam)", [p12["adam"]], [", ".join(layers["adam"])]),
+            _row("SGD-iKFAD overlap", [p12["sgd_ikfad"]], [shared(overlap["sgd_ikfad"])]),
+            _row("SGD-Adam overlap", [p12["sgd_adam"]], [shared(overlap["sgd_adam"])]),
+        ],
+    })
+    c = e3["corrections"]
+    p13 = PAPER["table13"]
+    tables.append({
+        "id": "13", "title": "Surgical correction: five strategies",
+        "note": f"Before (baseline): {c['A']['accuracy_before']:.2%} (paper 95.47%). "
+                f"A-D correct the baseline, E the Adam model; all {preset.correction_epochs} "
+                "epochs with physics momentum.",
+        "columns": [_column(CORRECTION_METHODS[k], fmt="auto") for k in "ABCDE"],
+        "rows": [
+            _row("Accuracy", [p13[k][0] for k in "ABCDE"],
+                 [_acc(c[k]["accuracy_after"]) for k in "ABCDE"]),
+            _row("Errors fixed", [p13[k][1] for k in "ABCDE"], [c[k]["fixed"] for k in "ABCDE"]),
+            _row("New errors", [p13[k][2] for k in "ABCDE"], [c[k]["new"] for k in "ABCDE"]),
+            _row("Net improvement", [_signed(p13[k][3]) for k in "ABCDE"],
+                 [_signed(c[k]["net"]) for k in "ABCDE"]),
+            _row("McNemar p (exact)", [None] * 5, [c[k]["p_value"] for k in "ABCDE"]),
+            _row("Trained elements", [None] * 5, [_pct(c[k]["element_fraction"]) for k in "ABCDE"]),
+        ],
+    })  # fmt: skip
+
+    m4 = e4["methods"]
+    tables.append({
+        "id": "14", "title": "Hybrid momentum: epochs to thresholds and best accuracy",
+        "note": f"Hybrid-mid switches after the epoch whose test accuracy first reaches "
+                f"{preset.mid_threshold:.0%}; Hybrid-epoch after epoch "
+                f"{e4['hybrid_switch_epoch']} (where physics reached it in Experiment 1). "
+                "Switch: first epoch run with mu = 0.9.",
+        "columns": [_column("Best acc.", fmt="acc"), *_threshold_columns(preset),
+                    _column("Switch", fmt="epoch")],
+        "rows": [_row(METHOD_LABELS[m], PAPER["table14"][m],
+                      [m4[m]["best_accuracy"],
+                       *[m4[m]["epochs_to"][f"{t:.0%}"] for t in preset.thresholds],
+                       m4[m]["switch_epoch"]]) for m in m4],
+    })
+    return tables
+
+
+def _confusion(pair: dict) -> str:
+    return (f"{pair['true_name']} -> {pair['predicted_name']} ({pair['attributed_layer']}), "
+            f"{pair['count']}")
+
+
+def _acc(value):
+    return {"acc": value}
+
+
+def _signed(value):
+    return {"signed": value}
+
+
+def _pct(value):
+    return None if value is None else {"pct": value}
+
+
+def merge_seeds(per_seed_tables: list) -> list:
+    """One list of tables whose cells hold every seed's value (in seed order)."""
+    merged = per_seed_tables[0]
+    for tables in per_seed_tables[1:]:
+        for table, other in zip(merged, tables):
+            for row, other_row in zip(table["rows"], other["rows"]):
+                for cell, other_cell in zip(row["values"], other_row["values"]):
+                    cell.extend(other_cell)
+    return merged
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def format_value(value, fmt: str) -> str:
+    """One number as the report prints it."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):  # tagged by the table builder: {"acc" | "pct" | "signed": x}
+        ((kind, number),) = value.items()
+        if kind == "signed":
+            return f"{number:+.0f}" if float(number).is_integer() else f"{number:+.1f}"
+        return f"{number:.2%}" if kind == "acc" else f"{number:.0%}"
+    if fmt == "acc":
+        return f"{value:.2%}"
+    if fmt == "seconds":
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:+d}" if fmt == "signed" else str(value)
+    if abs(value) < 1e-3 and value != 0:
+        return f"{value:.2e}"
+    return f"{value:.3g}" if fmt in ("float", "auto") and abs(value) < 1 else f"{value:.2f}"
+
+
+def format_cell(values: list, fmt: str) -> str:
+    """One seed's value, or mean +- std over seeds (strings: joined when they differ)."""
+    if len(values) == 1:
+        return format_value(values[0], fmt)
+    numbers = [_number(v) for v in values]
+    if all(n is not None for n in numbers) and not any(isinstance(v, str) for v in values):
+        mean, std = statistics.fmean(numbers), statistics.stdev(numbers)
+        tag = next((v for v in values if isinstance(v, dict)), None)
+        as_value = (lambda x: {next(iter(tag)): x}) if tag else (lambda x: x)
+        if fmt == "int" or fmt == "epoch":
+            return f"{mean:.1f} +- {std:.1f}"
+        return f"{format_value(as_value(mean), fmt)} +- {format_value(as_value(std), fmt)}"
+    shown = [format_value(v, fmt) for v in values]
+    return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
+
+
+def _number(value):
+    if isinstance(value, dict):
+        return next(iter(value.values()))
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return None
+    return float(value)
+
+
+def format_paper(value, column: dict) -> str:
+    """A number from the paper: fractions below 1 in accuracy-like columns print as percent."""
+    fmt = column["format"]
+    if fmt == "auto" and isinstance(value, float) and value < 1:
+        fmt = "acc"
+    return format_value(value, fmt)
+
+
+def render_table(table: dict) -> str:
+    header = [""]
+    for column in table["columns"]:
+        header += [f"paper: {column['paper']}", f"this run: {column['name']}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table["rows"]:
+        cells = [row["label"]]
+        for column, paper, values in zip(table["columns"], row["paper"], row["values"]):
+            cells += [format_paper(paper, column), format_cell(values, column["format"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- claims ------------------------------------------------------------------------------------
+
+
+def evaluate_claims(results: dict, preset: Preset) -> list:
+    """Each of the paper's claims, checked on one seed: ``{"id", "claim", "held", "evidence"}``."""
+    e1, e2, e3, e4 = (results[f"experiment_{i}"] for i in range(1, 5))
+    m1, corrections = e1["methods"], e3["corrections"]
+    mid, top = f"{preset.mid_threshold:.0%}", f"{preset.top_threshold:.0%}"
+    claims = []
+
+    def claim(key, text, held, evidence):
+        claims.append({"id": key, "claim": text, "held": bool(held), "evidence": evidence})
+
+    base_mid, phys_mid = m1["baseline"]["epochs_to"][mid], m1["physics"]["epochs_to"][mid]
+    if phys_mid is None:
+        speedup, held = None, False
+    elif base_mid is None:
+        speedup, held = None, True  # physics reached it, the baseline never did
+    else:
+        speedup = base_mid / phys_mid
+        held = speedup >= 1.9
+    claim("speedup", f"Physics reaches the mid threshold ({mid}; paper: 90%) at least 1.9x "
+          "faster than the baseline", held,
+          f"epochs to {mid}: baseline {_epoch(base_mid)}, physics {_epoch(phys_mid)}, speedup "
+          + (f"{speedup:.2f}x" if speedup else "n/a"))
+
+    early = [(e, m1["physics"]["accuracy_at"][str(e)], m1["baseline"]["accuracy_at"][str(e)],
+              m1["1cycle"]["accuracy_at"][str(e)]) for e in preset.early_epochs]  # fmt: skip
+    claim("early", "Physics has the highest test accuracy early in training (Table 5 epochs)",
+          all(p > b and p > o for _, p, b, o in early),
+          "; ".join(f"epoch {e}: physics {p:.2%}, baseline {b:.2%}, 1cycle {o:.2%}"
+                    for e, p, b, o in early))
+
+    best = {m: m1[m]["best_accuracy"] for m in ("baseline", "1cycle", "physics")}
+    spread = max(best.values()) - min(best.values())
+    claim("final", "Final accuracies of baseline, 1cycle and physics within 0.5 pp",
+          spread <= 0.005, f"spread {spread * 100:.2f} pp ("
+          + ", ".join(f"{m} {a:.2%}" for m, a in best.items()) + ")")
+
+    regimes = m1["baseline"]["regimes"]
+    under = regimes["underdamped"] / preset.epochs
+    claim("underdamped", "The baseline (mu = 0.9) is underdamped for most of training",
+          under > 0.5, f"underdamped {regimes['underdamped']}/{preset.epochs} epochs "
+          f"({under:.0%}; paper 85%)")
+
+    where = e2["localization"]
+    norms = where["grad_norms"]
+    ratio = max(norms.values()) / min(norms.values()) if min(norms.values()) > 0 else float("inf")
+    claim("localize", "3 of 7 groups flagged, with a wide (>= 10x) highest/lowest grad-norm ratio",
+          len(where["problem_layers"]) == 3 and ratio >= 10,
+          f"flagged {', '.join(where['problem_layers'])}; highest/lowest {ratio:.1f}x "
+          "(paper 12.3x)")
+
+    a = corrections["A"]
+    saving = a["saving"]["measured_saving"]
+    claim("correction", "Correction fixes errors at >= 80% compute saving with net >= 0",
+          a["fixed"] > 0 and saving is not None and saving >= 0.8 and a["net"] >= 0,
+          f"fixed {a['fixed']}, new {a['new']}, net {a['net']:+d}, McNemar p = "
+          f"{a['p_value']:.3g}; measured saving {_percent(saving)} (epochs x groups count "
+          f"{_percent(a['saving']['paper_saving'])})")
+
+    adam = e3["overlap"]["sgd_adam"]
+    claim("invariance", "SGD and Adam models get the same 3 flagged layers (overlap 3/3)",
+          len(adam["intersection"]) == 3 and len(adam["a"]) == 3 and len(adam["b"]) == 3,
+          f"SGD {', '.join(adam['a'])}; Adam {', '.join(adam['b'])}; shared "
+          f"{len(adam['intersection'])}/{len(adam['a'])}")
+
+    nets = {k: corrections[k]["net"] for k in "ABCD"}
+    claim("layer_level", "Layer-level corrections (A, B) beat parameter-level ones (C, D) in net",
+          min(nets["A"], nets["B"]) > max(nets["C"], nets["D"]),
+          ", ".join(f"{k} net {n:+d} (p = {corrections[k]['p_value']:.3g})"
+                    for k, n in nets.items()))
+
+    claim("ikfad_fewer_new", "iKFAD-guided layers (B) make fewer new errors than A",
+          corrections["B"]["new"] < corrections["A"]["new"],
+          f"new errors A {corrections['A']['new']}, B {corrections['B']['new']}; layers A "
+          f"{', '.join(corrections['A']['layers'])}, B {', '.join(corrections['B']['layers'])}")
+
+    reach = {m: e4["methods"][m]["epochs_to"][top] for m in e4["methods"]}
+    never = preset.epochs + 1
+    first = reach["hybrid-mid"]
+    others = [never if reach[m] is None else reach[m] for m in ("baseline", "physics", "1cycle")]
+    held = first is not None and first < min(others) and first <= (reach["hybrid-epoch"] or never)
+    claim("hybrid", f"Hybrid-mid reaches the top threshold ({top}; paper: 95%) first",
+          held, ", ".join(f"{m} {_epoch(e)}" for m, e in reach.items()))
+    return claims
+
+
+def _epoch(value):
+    return "not reached" if value is None else f"epoch {value}"
+
+
+def _percent(value):
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def merge_claims(per_seed_claims: list, seeds: list) -> list:
+    """Per claim: held in every seed, and each seed's evidence."""
+    merged = []
+    for i, first in enumerate(per_seed_claims[0]):
+        runs = [claims[i] for claims in per_seed_claims]
+        merged.append({
+            "id": first["id"],
+            "claim": first["claim"],
+            "held": all(c["held"] for c in runs),
+            "held_per_seed": {str(s): c["held"] for s, c in zip(seeds, runs)},
+            "evidence": {str(s): c["evidence"] for s, c in zip(seeds, runs)},
+        })  # fmt: skip
+    return merged
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def render_report(summary: dict) -> str:
+    """report.md from the run summary (the content of results.json)."""
+    preset = summary["preset"]
+    seeds = summary["seeds"]
+    lines = [
+        "# Reproduction of \"A Physics-Based Diagnostic Pipeline for Neural Networks\"",
+        "",
+        f"Preset **{preset['name']}**: {preset['description']}. Seeds: "
+        f"{', '.join(map(str, seeds))}" + (" (cells: mean +- std)" if len(seeds) > 1 else "")
+        + f". Device: {summary['device']}. Data: {summary['data']}. "
+        f"Wall time: {summary['wall_seconds']:.0f} s.",
+        "",
+        f"Thresholds for Tables 4 and 14 (paper: 80/85/90/92/95% on CIFAR-10): "
+        f"{'/'.join(f'{t:.0%}' for t in preset['thresholds'])} on this data; mid "
+        f"{preset['thresholds'][2]:.0%}, top {preset['thresholds'][4]:.0%}.",
+        "",
+        "1cycle momentum used: mu = 0.95 - 0.10 * (lr - lr_min) / (lr_max - lr_min) "
+        "(0.85 at the peak lr, 0.95 at the end), with the shared cosine lr.",
+        "",
+        "## Claims",
+        "",
+        "| Claim | Held | Evidence |",
+        "|---|---|---|",
+    ]
+    for claim in summary["claims"]:
+        held = "held" if claim["held"] else "**not held**"
+        if len(seeds) > 1:
+            count = sum(claim["held_per_seed"].values())
+            held += f" ({count}/{len(seeds)} seeds)"
+        evidence = "<br>".join(
+            (f"seed {s}: " if len(seeds) > 1 else "") + e for s, e in claim["evidence"].items()
+        )
+        lines.append(f"| {claim['claim']} | {held} | {evidence} |")
+    failed = [c["id"] for c in summary["claims"] if not c["held"]]
+    lines += ["", f"Not held: {', '.join(failed)}." if failed else "Every claim held.", ""]
+    for table in summary["tables"]:
+        lines += [f"## Table {table['id']}: {table['title']}", "", table["note"], "",
+                  render_table(table), ""]  # fmt: skip
+    lines += ["## Figures", ""]
+    for name, caption in summary["figures"].items():
+        lines.append(f"![{caption}](figures/{name})")
+        lines.append("")
+    return "\n".join(lines)
