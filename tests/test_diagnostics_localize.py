@@ -254,3 +254,16 @@ def test_diagnose_without_errors_and_with_bad_names():
         diagnose(model, _loader(x, y), localization, class_names=["a", "b"])
     with pytest.raises(ValueError, match="top"):
         diagnose(model, _loader(x, y), localization, top=0)
+
+
+def test_custom_batch_sampler_gives_positions_and_wrapped_models_are_unwrapped():
+    model, x, y = _confusion_case()
+    dataset = TensorDataset(x, y)
+    order = list(range(len(y)))[::-1]
+    reversed_loader = DataLoader(dataset, batch_sampler=[order[i : i + 5] for i in range(0, 23, 5)])
+    result = localize(model, reversed_loader)
+    wrong = (model(x).argmax(1) != y).nonzero().flatten().tolist()
+    assert result.index_kind == "position"
+    assert result.error_indices == sorted(len(y) - 1 - i for i in wrong)
+    plain = localize(model, _loader(x, y))
+    assert localize(nn.DataParallel(model), _loader(x, y)).grad_norms == plain.grad_norms

@@ -11,8 +11,19 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel/DataParallel.
+
+    The diagnostics take gradients with ``torch.autograd.grad`` and all-reduce them themselves;
+    going through DDP's forward would arm its reducer for a backward that never comes.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
 
 
 def model_device(model: nn.Module, device=None) -> torch.device:
@@ -89,7 +100,11 @@ def dataset_indices(loader):
     (its order depends only on seed and epoch). None otherwise (e.g. a shuffling loader, whose
     next pass draws a new order): results then report positions in the iteration order.
     """
-    if not isinstance(loader, DataLoader) or loader.batch_sampler is None:
+    if not isinstance(loader, DataLoader):
+        return None
+    batches = loader.batch_sampler
+    # A custom batch_sampler decides the order itself; DataLoader.sampler is then a default.
+    if type(batches) is not BatchSampler or batches.sampler is not loader.sampler:
         return None
     sampler = loader.sampler
     if isinstance(sampler, (SequentialSampler, DistributedSampler)):

@@ -73,6 +73,7 @@ def diagnose(
     Args:
         class_names: optional names indexed by class; defaults to the class numbers.
     """
+    model = _data.unwrap(model)
     if not isinstance(localization, Localization):
         raise TypeError(f"localization must be a Localization, got {type(localization).__name__}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:

@@ -191,19 +191,15 @@ class Localization(Report):
 
     def to_markdown(self) -> str:
         problems = set(self.problem_layers)
-        table = markdown_table(
-            ["Group", self.criterion, "grad norm on errors", "specificity", "Status"],
-            [
-                (
-                    name,
-                    self.norms[name],
-                    self.grad_norms.get(name),
-                    self.specificity.get(name),
-                    "Problem" if name in problems else "Normal",
-                )
-                for name in self.ranking
-            ],
-        )
+        # the error grad norm gets its own column only when it is not already the criterion
+        extra = self.criterion != "grad_norm"
+        headers = ["Group", self.criterion] + (["grad norm on errors"] if extra else [])
+        rows = []
+        for name in self.ranking:
+            row = [name, self.norms[name]] + ([self.grad_norms.get(name)] if extra else [])
+            status = "Problem" if name in problems else "Normal"
+            rows.append((*row, self.specificity.get(name), status))
+        table = markdown_table([*headers, "specificity", "Status"], rows)
         return f"{self.message}\n\n{table}"
 
 
@@ -236,6 +232,7 @@ def localize(
     Specificity is a group's grad norm on the errors over its grad norm on an equal-size sample
     of correctly classified examples; None where that sample is empty or its gradient is zero.
     """
+    model = _data.unwrap(model)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     select_problem_layers({}, rule, k)  # validates rule and k before any work

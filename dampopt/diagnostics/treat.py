@@ -154,6 +154,7 @@ def treat(
         ``(corrected_copy, TreatReport)``; the copy has the input's ``requires_grad`` flags and
         train/eval modes.
     """
+    model = _data.unwrap(model)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     lr = check_learning_rate(lr)

@@ -201,6 +201,7 @@ def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     from .._distributed import all_gather_objects
     from . import _data
 
+    model = _data.unwrap(model)
     device = _data.model_device(model, device)
     labels_out, preds_out = [], []
     with _data.evaluation(model, []):
