@@ -142,10 +142,12 @@ def test_ewc_keeps_the_trained_layer_closer_to_the_original():
     assert report.ewc == 10 and report.optimizer == "sgd"
 
 
-def test_treat_takes_a_localization():
+def test_treat_takes_a_localization_and_int32_labels():
     model = SmallCNN()
     localization = localize(model, _loader(), rule="topk", k=2)
-    _, report = treat(model, _loader(), layers=localization, epochs=1)
+    x, y = _loader().dataset.tensors
+    int32 = DataLoader(TensorDataset(x, y.int()), batch_size=16)
+    _, report = treat(model, int32, layers=localization, epochs=1)
     assert report.layers == localization.problem_layers and len(report.layers) == 2
 
 
@@ -168,6 +170,12 @@ def test_treat_rejects_bad_input_before_training():
         treat(model, loader, mask={nn.Parameter(torch.ones(1)): torch.ones(1, dtype=torch.bool)})
     with pytest.raises(ValueError, match="nothing to train"):
         treat(model, loader, mask={"fc.bias": torch.zeros(3, dtype=torch.bool)})
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="no batch"):
+        treat(model, empty, layers=["fc"])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        treat(model, DataLoader(TensorDataset(torch.zeros(2, 1, 6, 6), torch.tensor([0, 3]))),
+              layers=["fc"])  # fmt: skip
     with pytest.raises(TypeError, match="iKFAD"):
         friction_mask(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="not taken a step"):

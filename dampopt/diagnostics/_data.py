@@ -90,7 +90,7 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
             f"labels must be in [0, {num_classes}) for a model with {num_classes} outputs, "
             f"got values in [{int(labels.min())}, {int(labels.max())}]"
         )
-    return labels
+    return labels.long()  # cross_entropy wants int64 class indices
 
 
 def dataset_indices(loader):

@@ -211,7 +211,9 @@ def treat(
         totals = all_reduce_sum_(
             torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
         )
-        losses.append(float(totals[0] / totals[1]) if totals[1] > 0 else 0.0)
+        if totals[1] == 0:  # after the reduction, so every rank raises together
+            raise ValueError("loader yielded no batch: nothing to train on")
+        losses.append(float(totals[0] / totals[1]))
         momenta.append(_momentum_of(opt))
     _synchronize(device)
     wall = time.perf_counter() - start
