@@ -231,6 +231,14 @@ def localize(
 
     Specificity is a group's grad norm on the errors over its grad norm on an equal-size sample
     of correctly classified examples; None where that sample is empty or its gradient is zero.
+    The sample is drawn per batch (each batch's first correct examples, as many as it has
+    errors) to keep to one pass, so specificity depends on how the loader batches (and shards)
+    the data; norms, counts and indices do not.
+
+    Indices (``error_indices``): dataset indices when the loader's order is reproducible
+    (``index_kind="dataset"``), else positions in the pass's iteration order; see
+    :func:`error_gradients`. Pass the bare module, not one wrapped for FSDP (DDP and
+    DataParallel wrappers are unwrapped).
     """
     model = _data.unwrap(model)
     if criterion not in CRITERIA:
