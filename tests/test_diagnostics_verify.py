@@ -132,3 +132,21 @@ def test_compare_errors_table_7_categories():
     assert "| physics correct, baseline wrong | 2 |" in result.to_markdown()
     with pytest.raises(ValueError, match="at least two"):
         compare_errors({"a": baseline}, labels)
+
+
+def test_every_result_serializes_to_json_and_markdown():
+    from dampopt.diagnostics import cosine_schedule, scan_schedule
+
+    results = [
+        scan_schedule(cosine_schedule(0.1, 1e-4, 5), 0.9),
+        compute_saving(1.0, 10.0, correction_epochs=1, training_epochs=10, groups_trained=1,
+                       total_groups=2),
+        compare_layers(["a"], ["a", "b"]),
+        compare_errors({"x": [0, 1], "y": [1, 1]}, [0, 0]),
+        verify([0, 1], [0, 0], [0, 1]),
+    ]  # fmt: skip
+    for result in results:
+        data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+        assert isinstance(data, dict) and data
+        assert result.to_markdown().startswith("| ")
+    assert json.loads(json.dumps(results[0].to_dict()))["rows"][0]["regime"] == "underdamped"
