@@ -61,34 +61,55 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def sum_over_shards(params, local_sums) -> list[torch.Tensor]:
-    """Per parameter, its ``local_sums`` entry added up over the ranks that hold its shards.
+def is_sharded(tensor) -> bool:
+    """True for a DTensor sharded over at least one dimension of its device mesh."""
+    return is_dtensor(tensor) and any(p.is_shard() for p in tensor.placements)
 
-    ``local_sums[i]`` is a sum (any shape) over the local shard of ``params[i]``. For a DTensor
-    sharded over some mesh dimensions the result is the sum over the whole tensor, identical on
-    every rank; for a replicated or plain tensor it is returned as is. All ranks must call this
-    with the same parameters in the same order (it is a collective); parameters on the same mesh
-    and placements share one all-reduce.
+
+def shard_accumulator(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A zero accumulator for a quantity summed over ``param``'s elements on this rank.
+
+    For a sharded DTensor parameter it is a DTensor of global shape ``mesh.shape``, one element
+    per rank (placed ``Shard(i)`` on mesh dimension ``i``), so distributed checkpointing saves
+    and restores every rank's own value; a plain tensor in optimizer state would be saved once,
+    from rank 0, as if it were replicated. Otherwise a 0-d tensor. Update it in place through
+    :func:`local_tensor`; read whole-tensor totals with :func:`accumulator_totals`.
     """
-    results = list(local_sums)
+    device = local_tensor(param).device
+    if not is_sharded(param):
+        return torch.zeros((), dtype=dtype, device=device)
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = param.device_mesh
+    local = torch.zeros((1,) * mesh.ndim, dtype=dtype, device=device)
+    return DTensor.from_local(local, mesh, [Shard(i) for i in range(mesh.ndim)], run_check=False)
+
+
+def accumulator_totals(params, accumulators) -> list[torch.Tensor]:
+    """Per parameter, the whole-tensor value of its :func:`shard_accumulator`: summed over the
+    mesh dimensions the parameter is sharded on, taken once over those it is replicated on.
+
+    The same 0-d tensor on every rank. A collective when any parameter is sharded (one small
+    all-gather per mesh): call it on every rank with the same parameters in the same order.
+    """
+    totals = list(accumulators)
     groups: dict = {}
-    for i, param in enumerate(params):
-        if is_dtensor(param) and any(p.is_shard() for p in param.placements):
-            key = (id(param.device_mesh), tuple(param.placements), local_sums[i].dtype)
-            groups.setdefault(key, []).append(i)
+    for i, accumulator in enumerate(accumulators):
+        if is_dtensor(accumulator):
+            groups.setdefault((id(accumulator.device_mesh), accumulator.dtype), []).append(i)
+    if not groups:
+        return totals
+    from torch.distributed.tensor import DTensor, Shard
+
     for index in groups.values():
-        results_for_group = _sum_partial(params[index[0]], [local_sums[i] for i in index])
-        for i, total in zip(index, results_for_group):
-            results[i] = total
-    return results
-
-
-def _sum_partial(param, sums) -> list[torch.Tensor]:
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    flat = torch.cat([s.reshape(-1) for s in sums])
-    # Sharded mesh dimensions hold parts of a sum (Partial); replicated ones hold copies.
-    placements = [Partial() if p.is_shard() else Replicate() for p in param.placements]
-    total = DTensor.from_local(flat, param.device_mesh, placements, run_check=False).full_tensor()
-    pieces = total.split([s.numel() for s in sums])
-    return [piece.reshape(s.shape) for piece, s in zip(pieces, sums)]
+        mesh = accumulators[index[0]].device_mesh
+        local = torch.stack([local_tensor(accumulators[i]) for i in index], dim=-1)
+        placements = [Shard(i) for i in range(mesh.ndim)]
+        gathered = DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
+        for k, i in enumerate(index):
+            values = gathered[..., k]  # [*mesh.shape]: every rank's own value
+            for dim in reversed(range(mesh.ndim)):
+                sharded = params[i].placements[dim].is_shard()
+                values = values.sum(dim) if sharded else values.select(dim, 0)
+            totals[i] = values
+    return totals

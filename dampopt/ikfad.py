@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._distributed import local_tensor, sum_over_shards
+from ._distributed import accumulator_totals, local_tensor, shard_accumulator
 from ._friction import (
     FrictionOptimizer,
     relaxation_weight,
@@ -136,16 +136,18 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
 
     def _init_state(self, param, state):
         super()._init_state(param, state)
-        zero = torch.zeros((), dtype=state["friction"].dtype, device=param.device)
-        state["friction_sum"] = zero  # sum of xi after the last step
-        state["friction_sum_total"] = zero.clone()  # that sum, added up over steps
+        # Sums over this rank's elements (under FSDP2 its shard): one value per rank.
+        dtype = state["friction"].dtype
+        state["friction_sum"] = shard_accumulator(param, dtype)  # sum of xi after the last step
+        state["friction_sum_total"] = shard_accumulator(param, dtype)  # added up over steps
         state["friction_steps"] = 0
 
     def _record_sums(self, params, sums) -> None:
         for param, total in zip(params, sums):
             state = self.state[param]
-            state["friction_sum"] = total.to(state["friction_sum"].dtype)
-            state["friction_sum_total"] = state["friction_sum_total"] + state["friction_sum"]
+            last = local_tensor(state["friction_sum"])
+            last.copy_(total)
+            local_tensor(state["friction_sum_total"]).add_(last)
             state["friction_steps"] += 1
 
     def friction(self, param: torch.Tensor) -> torch.Tensor:
@@ -184,13 +186,21 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
                     continue
                 keys.append(key)
                 params.append(param)
-        totals = sum_over_shards(params, [self._friction_sums(p) for p in params])
+        sums = []
+        for param in params:
+            state = self.state.get(param)
+            if state:
+                sums += [state["friction_sum"], state["friction_sum_total"]]
+            else:
+                sums += [torch.zeros(())] * 2
+        sums = accumulator_totals([p for p in params for _ in range(2)], sums)
+        totals = [(sums[2 * i].item(), sums[2 * i + 1].item()) for i in range(len(params))]
         summary = {}
         for key, param, total in zip(keys, params, totals):
             numel = param.numel()  # a DTensor's numel is its global size
             state = self.state.get(param)
             steps = state["friction_steps"] if state else 0
-            last, accumulated = total.tolist()
+            last, accumulated = total
             summary[key] = FrictionStats(
                 numel=numel,
                 mean=last / max(numel, 1),
@@ -198,10 +208,3 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
                 steps=steps,
             )
         return summary
-
-    def _friction_sums(self, param) -> torch.Tensor:
-        """(sum of xi after the last step, that sum added over steps) on this rank's shard."""
-        state = self.state.get(param)
-        if not state:
-            return torch.zeros(2, dtype=torch.float64, device=local_tensor(param).device)
-        return torch.stack([state["friction_sum"], state["friction_sum_total"]]).double()

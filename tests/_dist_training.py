@@ -1,9 +1,10 @@
 """Worker side of tests/test_distributed.py: runs in processes spawned by the test.
 
-One spawn of two gloo ranks trains every (optimizer, backend) case under DDP and under FSDP2
-and saves what the parent compares against a single-process run: final parameters, iKFAD's
-friction summary, and how many collectives the optimizer steps issued. Spawning costs seconds,
-so everything is batched into as few spawns as possible.
+One spawn of two gloo ranks trains every (optimizer, backend) case under DDP and under FSDP2,
+runs the diagnostics of tests/_dist_diagnostics.py, and saves what the parent compares with a
+single-process run: final parameters, iKFAD's friction summary, how many collectives the
+optimizer steps issued, and the diagnostics' results. Spawning costs seconds, so everything
+is batched into one spawn.
 """
 
 from __future__ import annotations
@@ -74,13 +75,19 @@ def make_optimizer(case: Case, params):
 class RunResult:
     params: dict  # name -> full parameter after STEPS steps (gathered for comparison only)
     friction: dict | None = None  # iKFAD friction summary as {name: FrictionStats.to_dict()}
-    step_collectives: int = 0  # collectives issued inside optimizer.step(), all steps
+    step_collectives: int | None = 0  # collectives inside optimizer.step(), all steps (None:
+    # not counted)
     sharded_state: bool | None = None  # FSDP2: optimizer state is DTensor like its param
     local_numel: dict = field(default_factory=dict)  # FSDP2: name -> this rank's shard size
+    resumed_friction: dict | None = None  # friction summary after a checkpoint round trip
 
 
-def train(case: Case, rank: int = 0, world_size: int = 1) -> RunResult:
-    """Train ``make_model`` for STEPS full-batch steps; ranks see their half of each batch."""
+def train(case: Case, rank: int = 0, world_size: int = 1, checkpoint_dir=None) -> RunResult:
+    """Train ``make_model`` for STEPS full-batch steps; ranks see their half of each batch.
+
+    FSDP2 iKFAD with the torch backend also round-trips its optimizer state through
+    torch.distributed.checkpoint in ``checkpoint_dir``.
+    """
     model = make_model()
     if case.wrapper == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
@@ -94,7 +101,12 @@ def train(case: Case, rank: int = 0, world_size: int = 1) -> RunResult:
     for step in range(STEPS):
         loss = nn.functional.mse_loss(model(inputs[step, rows]), targets[step, rows])
         loss.backward()
-        collectives += _count_collectives(optimizer.step)
+        if case.backend == "compiled":
+            # CommDebugMode is a dispatch mode, under which torch.compile refuses to run.
+            optimizer.step()
+            collectives = None
+        else:
+            collectives += _count_collectives(optimizer.step)
         optimizer.zero_grad()
     named = list(_unwrap(model).named_parameters())
     result = RunResult(params={n: _full(p).clone() for n, p in named}, step_collectives=collectives)
@@ -104,6 +116,10 @@ def train(case: Case, rank: int = 0, world_size: int = 1) -> RunResult:
     if case.wrapper == "fsdp":
         result.local_numel = {n: p.to_local().numel() for n, p in named}
         result.sharded_state = _state_sharded_like_params(optimizer, named)
+        if case.optimizer == "iKFAD" and case.backend == "torch" and checkpoint_dir:
+            resumed = _resume_from_checkpoint(model, optimizer, checkpoint_dir)
+            summary = resumed.friction_summary(named)
+            result.resumed_friction = {name: stats.to_dict() for name, stats in summary.items()}
     return result
 
 
@@ -138,16 +154,36 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _state_sharded_like_params(optimizer, named) -> bool:
-    """Each state tensor the size of its param is a DTensor with the param's placements, so
+    """Each per-element state tensor is a DTensor with its param's shape and placements, so
     distributed checkpointing saves it sharded."""
     from torch.distributed.tensor import DTensor
 
     for _, param in named:
-        for value in optimizer.state[param].values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                if not isinstance(value, DTensor) or value.placements != param.placements:
-                    return False
+        state = optimizer.state[param]
+        for name in getattr(optimizer, "state_names", ("momentum_buffer",)):
+            value = state[name]
+            if not isinstance(value, DTensor) or value.placements != param.placements:
+                return False
+            if value.shape != param.shape:
+                return False
     return True
+
+
+def _resume_from_checkpoint(model, optimizer, directory: str):
+    """Save the optimizer with torch.distributed.checkpoint, load it into a fresh one and
+    return that one: what a resumed FSDP2 run would train with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=directory)
+    fresh = type(optimizer)(model.parameters(), **optimizer.defaults)
+    state = get_optimizer_state_dict(model, fresh)
+    dcp.load(state, checkpoint_id=directory)
+    set_optimizer_state_dict(model, fresh, state)
+    return fresh
 
 
 # -- process entry points ----------------------------------------------------------------------
@@ -160,11 +196,20 @@ def init_process(rank: int, init_file: str) -> None:
     )
 
 
-def run_training_cases(rank: int, init_file: str, cases: list[Case], out_dir: str) -> None:
-    """Spawn target: train every case on this rank, save {case.name: RunResult} per rank."""
+def run_worker(rank: int, init_file: str, cases: list[Case], out_dir: str) -> None:
+    """Spawn target: train every case on this rank, then run the sharded diagnostics; saves
+    ``{"training": {case.name: RunResult}, "diagnostics": {...}}`` per rank."""
+    import _dist_diagnostics
+
     init_process(rank, init_file)
     try:
-        results = {case.name: train(case, rank, WORLD_SIZE) for case in cases}
-        torch.save(results, os.path.join(out_dir, f"training-rank{rank}.pt"))
+        results = {
+            "training": {
+                case.name: train(case, rank, WORLD_SIZE, os.path.join(out_dir, "checkpoint"))
+                for case in cases
+            },
+            "diagnostics": _dist_diagnostics.run_sharded(rank, WORLD_SIZE),
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
