@@ -199,3 +199,12 @@ def test_regime_monitor_rejects_optimizer_without_momentum():
         RegimeMonitor(iKFAD([nn.Parameter(torch.zeros(2))]))
     with pytest.raises(ValueError, match="record"):
         RegimeMonitor(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)).report()
+
+
+def test_wrapped_models_are_grouped_by_their_own_names():
+    model = torchvision.models.resnet18(weights=None)
+    plain = layer_groups(model)
+    for wrapped in (torch.compile(model), nn.DataParallel(model)):  # compile is lazy: no cost
+        groups = layer_groups(wrapped)
+        assert list(groups) == list(plain)
+        assert all(_ids(groups[k]) == _ids(plain[k]) for k in plain)

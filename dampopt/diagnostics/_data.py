@@ -16,14 +16,19 @@ from torch.utils.data.distributed import DistributedSampler
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel/DataParallel.
+    """The module inside DistributedDataParallel, DataParallel or ``torch.compile``.
 
     The diagnostics take gradients with ``torch.autograd.grad`` and all-reduce them themselves;
-    going through DDP's forward would arm its reducer for a backward that never comes.
+    going through DDP's forward would arm its reducer for a backward that never comes. A
+    compiled wrapper would prefix every parameter name with ``_orig_mod.``.
     """
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def model_device(model: nn.Module, device=None) -> torch.device:

@@ -12,10 +12,13 @@ import re
 import torch
 from torch import nn
 
+from ._data import unwrap
+
 
 def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     # named_parameters() drops duplicates, so a tied or shared weight is counted once, under the
     # first name it is reached by.
     named = list(model.named_parameters())
@@ -65,6 +68,8 @@ def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+    named = _named_parameters(model)
+    model = unwrap(model)  # names as the bare module has them, not "module." / "_orig_mod."
     regex = None
     if pattern is not None:
         try:
@@ -73,7 +78,7 @@ def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -
             raise ValueError(f"pattern is not a valid regular expression: {error}") from None
     groups: dict[str, list] = {}
     cache: dict[str, bool] = {}
-    for name, param in _named_parameters(model):
+    for name, param in named:
         match = regex.match(name) if regex is not None else None
         if match is not None and (match.group(1) if regex.groups else match.group(0)):
             key = match.group(1) if regex.groups else match.group(0)
