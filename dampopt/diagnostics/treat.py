@@ -170,18 +170,9 @@ def treat(
 
     device = _data.model_device(model, device)
     corrected = copy.deepcopy(model).to(device)
-    params = dict(corrected.named_parameters())
-    flags = {name: p.requires_grad for name, p in params.items()}
-    for name, p in params.items():
-        p.requires_grad_(name in element_masks)
-    trained = [params[name] for name in element_masks]
-    partial = {
-        name: (m.to(device), params[name].detach().clone())
-        for name, m in element_masks.items()
-        if m is not None
-    }
-    anchors = {name: params[name].detach().clone() for name in element_masks} if ewc else {}
-    opt, optimizer_name = _build_optimizer(optimizer, trained, lr, weight_decay, momentum)
+    flags = {name: p.requires_grad for name, p in corrected.named_parameters()}
+    surgery = _Surgery.prepare(corrected, element_masks, ewc, device)
+    opt, optimizer_name = _build_optimizer(optimizer, surgery.trained(), lr, weight_decay, momentum)
     lrs = cosine_schedule(lr, lr_min, epochs)
 
     _train_modes(corrected)
@@ -191,34 +182,14 @@ def treat(
     for epoch_lr in lrs:
         for group in opt.param_groups:
             group["lr"] = epoch_lr
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        for batch in loader:
-            inputs, labels = _data.unpack(batch)
-            inputs = _data.to_device(inputs, device)
-            labels = torch.as_tensor(labels).to(device)
-            logits = _data.logits_of(corrected, inputs)
-            labels = _data.check_labels(labels, logits.shape[1])
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _prepare_gradients(params, element_masks, partial, anchors, ewc)
-            opt.step()
-            _restore_untrained(params, partial)
-            loss_sum += loss.detach().double() * len(labels)
-            count += len(labels)
-            steps += 1
-        totals = all_reduce_sum_(
-            torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
-        )
-        if totals[1] == 0:  # after the reduction, so every rank raises together
-            raise ValueError("loader yielded no batch: nothing to train on")
-        losses.append(float(totals[0] / totals[1]))
+        loss, batches = _train_epoch(corrected, loader, opt, surgery, device)
+        steps += batches
+        losses.append(loss)
         momenta.append(_momentum_of(opt))
     _synchronize(device)
     wall = time.perf_counter() - start
 
-    for name, p in params.items():
+    for name, p in corrected.named_parameters():
         p.requires_grad_(flags[name])
     for source, target in zip(model.modules(), corrected.modules()):
         target.training = source.training
@@ -307,26 +278,75 @@ def _train_modes(model: nn.Module) -> None:
             module.eval()
 
 
-def _prepare_gradients(params, element_masks, partial, anchors, ewc) -> None:
-    world = dist.get_world_size() if is_distributed() else 1
-    for name in element_masks:
-        p = params[name]
-        if p.grad is None:
-            continue
-        if world > 1:  # keep every rank's copy identical: average the gradients
-            all_reduce_sum_(p.grad).div_(world)
-        if ewc:
-            p.grad.add_(p.detach() - anchors[name], alpha=ewc)
-        if name in partial:
-            p.grad.mul_(partial[name][0])
+@dataclass
+class _Surgery:
+    """What trains in the copy, and how its gradients are edited before each step."""
+
+    params: dict  # {name: parameter of the copy}
+    element_masks: dict  # {name: None (whole tensor trains) or bool mask}
+    partial: dict  # {name: (mask, original values)} for partly trained tensors
+    anchors: dict  # {name: original values} for the EWC penalty
+    ewc: float
+
+    @classmethod
+    def prepare(cls, model, element_masks, ewc, device):
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(name in element_masks)
+        partial = {
+            name: (m.to(device), params[name].detach().clone())
+            for name, m in element_masks.items()
+            if m is not None
+        }
+        anchors = {name: params[name].detach().clone() for name in element_masks} if ewc else {}
+        return cls(params, element_masks, partial, anchors, ewc)
+
+    def trained(self) -> list:
+        return [self.params[name] for name in self.element_masks]
+
+    def edit_gradients(self) -> None:
+        world = dist.get_world_size() if is_distributed() else 1
+        for name in self.element_masks:
+            p = self.params[name]
+            if p.grad is None:
+                continue
+            if world > 1:  # keep every rank's copy identical: average the gradients
+                all_reduce_sum_(p.grad).div_(world)
+            if self.ewc:  # gradient of (ewc / 2) * ||theta - theta_0||^2
+                p.grad.add_(p.detach() - self.anchors[name], alpha=self.ewc)
+            if name in self.partial:
+                p.grad.mul_(self.partial[name][0])
+
+    @torch.no_grad()
+    def restore_untrained(self) -> None:
+        # Gradient masking alone leaves weight decay and optimizer state able to move an
+        # element; writing the originals back makes "untrained" exact whatever the optimizer.
+        for name, (mask, original) in self.partial.items():
+            self.params[name].copy_(torch.where(mask, self.params[name], original))
 
 
-@torch.no_grad()
-def _restore_untrained(params, partial) -> None:
-    # Gradient masking alone leaves weight decay and optimizer state able to move an element;
-    # writing the originals back makes "untrained" exact whatever the optimizer.
-    for name, (mask, original) in partial.items():
-        params[name].copy_(torch.where(mask, params[name], original))
+def _train_epoch(model, loader, opt, surgery: _Surgery, device) -> tuple[float, int]:
+    """One pass of cross-entropy training; returns (mean loss over all ranks, steps)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = steps = 0
+    for batch in loader:
+        inputs, labels = _data.unpack(batch)
+        inputs = _data.to_device(inputs, device)
+        logits = _data.logits_of(model, inputs)
+        labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
+        loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        surgery.edit_gradients()
+        opt.step()
+        surgery.restore_untrained()
+        loss_sum += loss.detach().double() * len(labels)
+        count += len(labels)
+        steps += 1
+    totals = all_reduce_sum_(torch.stack([loss_sum, loss_sum.new_tensor(float(count))]))
+    if totals[1] == 0:  # after the reduction, so every rank raises together
+        raise ValueError("loader yielded no batch: nothing to train on")
+    return float(totals[0] / totals[1]), steps
 
 
 def _momentum_of(opt) -> float | None:
