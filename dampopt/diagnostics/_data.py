@@ -98,6 +98,16 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return labels.long()  # cross_entropy wants int64 class indices
 
 
+def classify_batch(model: nn.Module, batch, device):
+    """``(inputs on device, int64 labels, predicted classes)`` for one batch, without grad."""
+    inputs, labels = unpack(batch)
+    inputs = to_device(inputs, device)
+    with torch.no_grad():
+        logits = logits_of(model, inputs)
+    labels = check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
+    return inputs, labels, logits.argmax(dim=1)
+
+
 def dataset_indices(loader):
     """The dataset index of each position of the loader's iteration, when it is reproducible.
 

@@ -91,23 +91,43 @@ def diagnose(
         )
 
     params = [p for name in candidates for p in groups[name]]
-    pair_index = {pair: i for i, (pair, _) in enumerate(chosen)}
-    sums = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in chosen]
+    pairs_only = [pair for pair, _ in chosen]
+    sums, counts = pair_gradients(model, loader, pairs_only, params, device)
+    pairs = []
+    for (t, p), pair_sums, count in zip(pairs_only, sums, counts):
+        norms, offset = {}, 0
+        for name in candidates:
+            block = pair_sums[offset : offset + len(groups[name])]
+            offset += len(groups[name])
+            norms[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in block))
+            norms[name] /= max(count, 1)
+        layer = max(candidates, key=lambda name: norms[name]) if count else None
+        pairs.append(ConfusionPair(t, p, count, names(t), names(p), layer, norms))
+    message = (
+        f"top {len(pairs)} confusion pairs of {localization.num_errors} errors, attributed among "
+        f"{', '.join(candidates)}"
+    )
+    return Diagnosis(pairs, candidates, localization.num_errors, message)
+
+
+def pair_gradients(model, loader, pairs, params, device=None):
+    """Per (true, predicted) pair: summed loss gradients on its errors, and its error count.
+
+    One pass over ``loader``; sums and counts are all-reduced under torch.distributed.
+    Returns ``(sums, counts)``: ``sums[i][j]`` is the gradient w.r.t. ``params[j]`` of the sum
+    of cross-entropies over the examples of ``pairs[i]``.
+    """
     device = _data.model_device(model, device)
-    counts = torch.zeros(len(chosen), dtype=torch.float64, device=device)
+    pair_index = {pair: i for i, pair in enumerate(pairs)}
+    sums = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in pairs]
+    counts = torch.zeros(len(pairs), dtype=torch.float64, device=device)
     with _data.evaluation(model, params):
         for batch in loader:
-            inputs, labels = _data.unpack(batch)
-            inputs = _data.to_device(inputs, device)
-            labels = torch.as_tensor(labels).to(device)
-            with torch.no_grad():
-                logits = _data.logits_of(model, inputs)
-            labels = _data.check_labels(labels, logits.shape[1])
-            preds = logits.argmax(dim=1)
+            inputs, labels, preds = _data.classify_batch(model, batch, device)
             members = {}
-            for row, (t, p) in enumerate(zip(labels.tolist(), preds.tolist())):
-                if (t, p) in pair_index:
-                    members.setdefault(pair_index[(t, p)], []).append(row)
+            for row, pair in enumerate(zip(labels.tolist(), preds.tolist())):
+                if pair in pair_index:
+                    members.setdefault(pair_index[pair], []).append(row)
             if not members:
                 continue
             rows = torch.tensor([r for rs in members.values() for r in rs], device=device)
@@ -124,26 +144,10 @@ def diagnose(
                 for total, grad in zip(sums[index], grads):
                     total.add_(grad)
                 counts[index] += len(rs)
+    for tensor in [t for pair_sums in sums for t in pair_sums]:
+        all_reduce_sum_(tensor)
     all_reduce_sum_(counts)
-    pairs = []
-    for index, ((t, p), _) in enumerate(chosen):
-        for tensor in sums[index]:
-            all_reduce_sum_(tensor)
-        count = int(counts[index])
-        norms, offset = {}, 0
-        for name in candidates:
-            block = sums[index][offset : offset + len(groups[name])]
-            offset += len(groups[name])
-            norms[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in block)) / max(
-                count, 1
-            )
-        layer = max(candidates, key=lambda name: norms[name]) if count else None
-        pairs.append(ConfusionPair(t, p, count, names(t), names(p), layer, norms))
-    message = (
-        f"top {len(pairs)} confusion pairs of {localization.num_errors} errors, attributed among "
-        f"{', '.join(candidates)}"
-    )
-    return Diagnosis(pairs, candidates, localization.num_errors, message)
+    return sums, [int(c) for c in counts.tolist()]
 
 
 def _check_class_names(class_names, localization):

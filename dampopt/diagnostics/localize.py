@@ -93,13 +93,7 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
     seen = errors = correct = 0
     with _data.evaluation(model, params):
         for batch in loader:
-            inputs, labels = _data.unpack(batch)
-            inputs = _data.to_device(inputs, device)
-            labels = torch.as_tensor(labels).to(device)
-            with torch.no_grad():
-                logits = _data.logits_of(model, inputs)
-            labels = _data.check_labels(labels, logits.shape[1])
-            preds = logits.argmax(dim=1)
+            inputs, labels, preds = _data.classify_batch(model, batch, device)
             wrong = (preds != labels).nonzero().flatten()
             right = (preds == labels).nonzero().flatten()[: len(wrong)]
             positions += (wrong + seen).tolist()
@@ -126,16 +120,9 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
     counts = all_reduce_sum_(
         torch.tensor([seen, errors, correct], dtype=torch.float64, device=device)
     )
-    indices, index_kind = _global_indices(loader, positions, seen)
-    gathered = all_gather_objects((indices, labels_wrong, preds_wrong))
-    indices = [i for part in gathered for i in part[0]]
-    labels_wrong = [i for part in gathered for i in part[1]]
-    preds_wrong = [i for part in gathered for i in part[2]]
-    if index_kind == "dataset":
-        order = sorted(range(len(indices)), key=indices.__getitem__)
-        indices, labels_wrong, preds_wrong = (
-            [seq[i] for i in order] for seq in (indices, labels_wrong, preds_wrong)
-        )
+    indices, labels_wrong, preds_wrong, index_kind = _gather_errors(
+        loader, positions, labels_wrong, preds_wrong, seen
+    )
     seen, errors, correct = (int(c) for c in counts.tolist())
     return ErrorGradients(
         params=list(params),
@@ -156,11 +143,23 @@ def _accumulate(sums, grads) -> None:
         total.add_(grad)
 
 
-def _global_indices(loader, positions, seen):
+def _gather_errors(loader, positions, labels, predictions, seen):
+    """Every rank's errors, as (indices, labels, predictions, index_kind).
+
+    Dataset indices are sorted, so the order does not depend on batching or sharding.
+    """
     order = _data.dataset_indices(loader)
-    if order is not None and len(order) >= seen:
-        return [int(order[p]) for p in positions], "dataset"
-    return positions, "position"
+    index_kind = "dataset" if order is not None and len(order) >= seen else "position"
+    if index_kind == "dataset":
+        positions = [int(order[p]) for p in positions]
+    parts = all_gather_objects((positions, labels, predictions))
+    indices, labels, predictions = ([x for part in parts for x in part[k]] for k in range(3))
+    if index_kind == "dataset":
+        ranked = sorted(range(len(indices)), key=indices.__getitem__)
+        indices, labels, predictions = (
+            [seq[i] for i in ranked] for seq in (indices, labels, predictions)
+        )
+    return indices, labels, predictions, index_kind
 
 
 def _norm(tensors) -> float:

@@ -206,11 +206,9 @@ def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     labels_out, preds_out = [], []
     with _data.evaluation(model, []):
         for batch in loader:
-            inputs, labels = _data.unpack(batch)
-            logits = _data.logits_of(model, _data.to_device(inputs, device))
-            labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
+            _, labels, preds = _data.classify_batch(model, batch, device)
             labels_out.append(labels.cpu())
-            preds_out.append(logits.argmax(dim=1).cpu())
+            preds_out.append(preds.cpu())
     labels = torch.cat(labels_out) if labels_out else torch.zeros(0, dtype=torch.long)
     preds = torch.cat(preds_out) if preds_out else torch.zeros(0, dtype=torch.long)
     parts = all_gather_objects((labels, preds))
