@@ -11,7 +11,7 @@ Compare: :func:`compare_layers`, :func:`compare_errors`. Every result is a datac
 """
 
 from .compare import ErrorComparison, LayerComparison, compare_errors, compare_layers
-from .diagnose import ConfusionPair, Diagnosis, confusion_pairs, diagnose
+from .diagnose import ConfusionPair, Diagnosis, confusion_pairs, diagnose, pair_gradients
 from .groups import layer_groups, resolve_groups
 from .localize import (
     CRITERIA,
@@ -60,6 +60,7 @@ __all__ = [
     "layer_groups",
     "localize",
     "mcnemar_exact",
+    "pair_gradients",
     "predict",
     "resolve_groups",
     "scan_schedule",
