@@ -35,7 +35,8 @@ OPTIMIZERS = {
 
 @dataclass(frozen=True)
 class Case:
-    """One training run: optimizer, backend (None for PhysicsSGD) and the parallel wrapper."""
+    """One training run: optimizer, backend (PhysicsSGD: a key of PHYSICS_SGD_PATHS) and the
+    parallel wrapper."""
 
     optimizer: str
     backend: str | None
@@ -63,10 +64,18 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+#: PhysicsSGD has no ``backend``; its "backends" are torch's sgd paths (None: torch's default,
+#: foreach for CPU tensors and DTensors). ``fused=True`` is left out: DTensor has no sharding
+#: rule for aten._fused_sgd_ (torch.optim.SGD(fused=True) fails the same way under FSDP2).
+PHYSICS_SGD_PATHS = {None: {}, "for-loop": {"foreach": False}}
+
+
 def make_optimizer(case: Case, params):
     cls, kwargs = OPTIMIZERS[case.optimizer]
     kwargs = dict(kwargs)
-    if case.backend is not None:
+    if case.optimizer == "PhysicsSGD":
+        kwargs.update(PHYSICS_SGD_PATHS[case.backend])
+    elif case.backend is not None:
         kwargs["backend"] = case.backend
     return cls(params, **kwargs)
 

@@ -40,6 +40,7 @@ def _compiled_backend_landed() -> bool:
 
 def _cases() -> list:
     cases = [Case("PhysicsSGD", None, wrapper) for wrapper in ("ddp", "fsdp")]
+    cases.append(Case("PhysicsSGD", "for-loop", "fsdp"))
     for optimizer in FRICTION_OPTIMIZERS:
         for backend in ("torch", "loop"):
             cases += [Case(optimizer, backend, wrapper) for wrapper in ("ddp", "fsdp")]
