@@ -5,7 +5,7 @@ epochs, batch 128, weight decay 5e-4, cosine lr 0.1 -> 1e-4, crop 32/4 + flip, A
 corrections 30 epochs from lr 0.01 with physics momentum.
 
 ``quick`` (the default) and ``smoke`` keep every step of that protocol but shrink it to a 2-core
-CPU: Fashion-MNIST averaged down to 14x14, a training subset, base width 8 instead of 64, 10
+CPU: Fashion-MNIST averaged down to 14x14, a training subset, base width 8 instead of 64, a few
 epochs. The correction keeps the paper's ratio of epochs (30 of 200 = 15%) rounded up.
 Accuracy thresholds of Tables 4 and 14 are the paper's (80/85/90/92/95% on CIFAR-10) moved to
 what this model reaches on this data; the third is the "mid" threshold (the paper's 90%, used by
@@ -87,11 +87,11 @@ PAPER = Preset(
 QUICK = Preset(
     name="quick",
     dataset="fashion-mnist",
-    train_size=5000,
+    train_size=4000,
     test_size=2000,
     image_size=14,
     width=8,
-    epochs=10,
+    epochs=8,
     batch_size=128,
     crop_padding=1,
     weight_decay=5e-4,
@@ -99,11 +99,13 @@ QUICK = Preset(
     lr_min=1e-4,
     adam_lr_max=1e-3,
     adam_lr_min=1e-5,
-    correction_epochs=_correction_epochs(10),
+    correction_epochs=_correction_epochs(8),
     correction_lr=0.01,
-    thresholds=(0.70, 0.75, 0.80, 0.82, 0.84),
-    early_epochs=_scaled_early_epochs(10),
-    description="Fashion-MNIST 14x14, 5,000 training / 2,000 test images, width 8, 10 epochs (CPU)",
+    # The paper's thresholds as fractions of its best accuracy (95.5%), times the ~80% this
+    # preset reaches (measured: 77-82% best accuracy over the eight methods, seed 42).
+    thresholds=(0.67, 0.71, 0.75, 0.77, 0.79),
+    early_epochs=_scaled_early_epochs(8),
+    description="Fashion-MNIST 14x14, 4,000 training / 2,000 test images, width 8, 8 epochs (CPU)",
 )
 
 SMOKE = Preset(

@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Idle OpenMP threads sleep instead of spinning: with the default (spinning), two torch threads
+# on a 2-core machine that other jobs also use ran 5-10x slower than one thread.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # dampopt from this checkout when it is not installed
