@@ -267,3 +267,25 @@ def test_custom_batch_sampler_gives_positions_and_wrapped_models_are_unwrapped()
     assert result.error_indices == sorted(len(y) - 1 - i for i in wrong)
     plain = localize(model, _loader(x, y))
     assert localize(nn.DataParallel(model), _loader(x, y)).grad_norms == plain.grad_norms
+
+
+def test_distributed_sampler_shard_skips_padding_and_reports_dataset_indices():
+    from torch.utils.data.distributed import DistributedSampler
+
+    from dampopt.diagnostics import predict
+
+    model, x, y = _confusion_case()  # 23 examples: rank 1 of 2 gets 12, the last a repeat of 0
+    dataset = TensorDataset(x, y)
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=5)
+    shard = DataLoader(dataset, batch_size=5, sampler=sampler)
+    drawn = list(iter(sampler))
+    rank0 = list(DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=True, seed=5))
+    assert len(drawn) == 12 and drawn[-1] == rank0[0]  # the repeat rank 0 also holds
+    real = sorted(drawn[:11])  # rank 1's own examples
+    result = localize(model, shard)
+    wrong = (model(x).argmax(1) != y).nonzero().flatten().tolist()
+    assert result.num_examples == 11 and result.index_kind == "dataset"
+    assert result.error_indices == [i for i in real if i in wrong]
+    labels, preds = predict(model, shard)
+    assert labels.tolist() == y[real].tolist()  # dataset order, each example once
+    assert preds.tolist() == model(x[real]).argmax(1).tolist()

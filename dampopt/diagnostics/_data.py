@@ -8,6 +8,7 @@ items are ignored. The model returns logits ``[batch, classes]`` or an object wi
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -108,23 +109,69 @@ def classify_batch(model: nn.Module, batch, device):
     return inputs, labels, logits.argmax(dim=1)
 
 
-def dataset_indices(loader):
-    """The dataset index of each position of the loader's iteration, when it is reproducible.
+@dataclass(frozen=True)
+class LoaderOrder:
+    """Where each position of this process's pass over a loader comes from.
 
-    True for a DataLoader with a SequentialSampler (position == index) or a DistributedSampler
-    (its order depends only on seed and epoch). None otherwise (e.g. a shuffling loader, whose
-    next pass draws a new order): results then report positions in the iteration order.
+    ``indices[k]``: the dataset index at position k, or ``indices is None`` when the order is not
+    reproducible (a shuffling loader draws a new order each pass; a custom batch_sampler).
+    ``padding[k]``: True where DistributedSampler repeated an example so that every rank gets
+    the same count; the diagnostics skip those, so a sharded pass sees each example once.
+    """
+
+    indices: list | None
+    padding: list | None
+
+    def valid(self, offset: int, count: int, device) -> torch.Tensor | None:
+        """Bool mask of the real (not padding) rows of the batch at ``offset``; None: all."""
+        if self.padding is None:
+            return None
+        return torch.tensor(self.padding[offset : offset + count], device=device).logical_not()
+
+
+def loader_order(loader) -> LoaderOrder:
+    """Dataset indices (and DistributedSampler padding) of the loader's iteration, if known.
+
+    Known for a DataLoader with a SequentialSampler (position == index) or a DistributedSampler
+    (its order depends only on seed and epoch).
     """
     if not isinstance(loader, DataLoader):
-        return None
+        return LoaderOrder(None, None)
     batches = loader.batch_sampler
     # A custom batch_sampler decides the order itself; DataLoader.sampler is then a default.
     if type(batches) is not BatchSampler or batches.sampler is not loader.sampler:
-        return None
+        return LoaderOrder(None, None)
     sampler = loader.sampler
-    if isinstance(sampler, (SequentialSampler, DistributedSampler)):
-        return list(iter(sampler))
-    return None
+    if isinstance(sampler, SequentialSampler):
+        return LoaderOrder(list(iter(sampler)), None)
+    if isinstance(sampler, DistributedSampler):
+        indices = list(iter(sampler))
+        # rank r's k-th sample is position r + k * replicas of the padded global order;
+        # positions past the dataset's end are the repeats
+        size = len(sampler.dataset)
+        padding = [sampler.rank + k * sampler.num_replicas >= size for k in range(len(indices))]
+        return LoaderOrder(indices, padding if any(padding) else None)
+    return LoaderOrder(None, None)
+
+
+def gather_in_dataset_order(order: LoaderOrder, positions: list, *columns: list):
+    """All ranks' ``(indices, *columns)`` for rows at ``positions`` of this rank's pass.
+
+    With known dataset indices the rows come back sorted by dataset index, so the result does
+    not depend on batching, shuffling or sharding (``kind == "dataset"``); otherwise they are
+    positions, concatenated in rank order (``kind == "position"``). Returns
+    ``(kind, indices, *columns)``.
+    """
+    from .._distributed import all_gather_objects
+
+    known = order.indices is not None
+    indices = [int(order.indices[p]) for p in positions] if known else list(positions)
+    parts = all_gather_objects((indices, *columns))
+    merged = [[x for part in parts for x in part[k]] for k in range(len(columns) + 1)]
+    if known:
+        ranked = sorted(range(len(merged[0])), key=merged[0].__getitem__)
+        merged = [[seq[i] for i in ranked] for seq in merged]
+    return ("dataset" if known else "position", *merged)
 
 
 @contextlib.contextmanager

@@ -118,15 +118,20 @@ def pair_gradients(model, loader, pairs, params, device=None):
     of cross-entropies over the examples of ``pairs[i]``.
     """
     device = _data.model_device(model, device)
+    order = _data.loader_order(loader)  # to skip DistributedSampler's repeated examples
+    offset = 0
     pair_index = {pair: i for i, pair in enumerate(pairs)}
     sums = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in pairs]
     counts = torch.zeros(len(pairs), dtype=torch.float64, device=device)
     with _data.evaluation(model, params):
         for batch in loader:
             inputs, labels, preds = _data.classify_batch(model, batch, device)
+            valid = order.valid(offset, len(labels), device)
+            offset += len(labels)
+            real = [True] * len(labels) if valid is None else valid.tolist()
             members = {}
             for row, pair in enumerate(zip(labels.tolist(), preds.tolist())):
-                if pair in pair_index:
+                if pair in pair_index and real[row]:
                     members.setdefault(pair_index[pair], []).append(row)
             if not members:
                 continue

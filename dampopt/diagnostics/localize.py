@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._distributed import all_gather_objects, all_reduce_sum_
+from .._distributed import all_reduce_sum_
 from . import _data
 from ._report import PRIVATE, Report, markdown_table
 from .groups import parameter_names, resolve_groups
@@ -81,25 +81,32 @@ class ErrorGradients:
 def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradients:
     """One pass over ``loader``: find the errors and sum their loss gradients w.r.t. ``params``.
 
-    Indices: dataset indices when the loader's order is reproducible (a DataLoader with a
-    SequentialSampler or DistributedSampler, ``index_kind="dataset"``); otherwise positions in
+    Indices: dataset indices, sorted, when the loader's order is reproducible (a DataLoader with
+    a SequentialSampler or DistributedSampler, ``index_kind="dataset"``); otherwise positions in
     this pass's iteration order (``index_kind="position"``; under torch.distributed each rank's
-    positions, concatenated in rank order).
+    positions, concatenated in rank order). Examples DistributedSampler repeats to even out
+    the shards are skipped, so a sharded pass counts each example once.
     """
     device = _data.model_device(model, device)
+    order = _data.loader_order(loader)
     error_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     correct_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     positions, labels_wrong, preds_wrong = [], [], []
-    seen = errors = correct = 0
+    offset = seen = errors = correct = 0
     with _data.evaluation(model, params):
         for batch in loader:
             inputs, labels, preds = _data.classify_batch(model, batch, device)
-            wrong = (preds != labels).nonzero().flatten()
-            right = (preds == labels).nonzero().flatten()[: len(wrong)]
-            positions += (wrong + seen).tolist()
+            valid = order.valid(offset, len(labels), device)
+            is_wrong, is_right = preds != labels, preds == labels
+            if valid is not None:
+                is_wrong, is_right = is_wrong & valid, is_right & valid
+            wrong = is_wrong.nonzero().flatten()
+            right = is_right.nonzero().flatten()[: len(wrong)]
+            positions += (wrong + offset).tolist()
             labels_wrong += labels[wrong].tolist()
             preds_wrong += preds[wrong].tolist()
-            seen += len(labels)
+            offset += len(labels)
+            seen += len(labels) if valid is None else int(valid.sum())
             if len(wrong) == 0:
                 continue
             chosen = torch.cat([wrong, right])
@@ -120,8 +127,8 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
     counts = all_reduce_sum_(
         torch.tensor([seen, errors, correct], dtype=torch.float64, device=device)
     )
-    indices, labels_wrong, preds_wrong, index_kind = _gather_errors(
-        loader, positions, labels_wrong, preds_wrong, seen
+    index_kind, indices, labels_wrong, preds_wrong = _data.gather_in_dataset_order(
+        order, positions, labels_wrong, preds_wrong
     )
     seen, errors, correct = (int(c) for c in counts.tolist())
     return ErrorGradients(
@@ -141,25 +148,6 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
 def _accumulate(sums, grads) -> None:
     for total, grad in zip(sums, grads):
         total.add_(grad)
-
-
-def _gather_errors(loader, positions, labels, predictions, seen):
-    """Every rank's errors, as (indices, labels, predictions, index_kind).
-
-    Dataset indices are sorted, so the order does not depend on batching or sharding.
-    """
-    order = _data.dataset_indices(loader)
-    index_kind = "dataset" if order is not None and len(order) >= seen else "position"
-    if index_kind == "dataset":
-        positions = [int(order[p]) for p in positions]
-    parts = all_gather_objects((positions, labels, predictions))
-    indices, labels, predictions = ([x for part in parts for x in part[k]] for k in range(3))
-    if index_kind == "dataset":
-        ranked = sorted(range(len(indices)), key=indices.__getitem__)
-        indices, labels, predictions = (
-            [seq[i] for i in ranked] for seq in (indices, labels, predictions)
-        )
-    return indices, labels, predictions, index_kind
 
 
 def _norm(tensors) -> float:

@@ -192,24 +192,29 @@ def compute_saving(
 
 @torch.no_grad()
 def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(labels, predictions)`` over ``loader``, as CPU int64 tensors in iteration order.
+    """``(labels, predictions)`` over ``loader`` as CPU int64 tensors.
 
-    The model runs in eval mode (its modes are restored after). For :func:`verify`, predict
-    before and after treatment on the *same non-shuffling* loader so positions line up. Under
-    torch.distributed the ranks' parts are concatenated in rank order.
+    Order: by dataset index when the loader's order is reproducible (a DataLoader with a
+    SequentialSampler, where that is the iteration order, or a DistributedSampler: all ranks'
+    rows, each example once, as one process would see them); otherwise the iteration order
+    (ranks concatenated in rank order). For :func:`verify`, predict before and after treatment
+    on the same loader so positions line up. The model runs in eval mode (modes restored after).
     """
-    from .._distributed import all_gather_objects
     from . import _data
 
     model = _data.unwrap(model)
     device = _data.model_device(model, device)
-    labels_out, preds_out = [], []
+    order = _data.loader_order(loader)
+    positions, labels_out, preds_out = [], [], []
+    offset = 0
     with _data.evaluation(model, []):
         for batch in loader:
             _, labels, preds = _data.classify_batch(model, batch, device)
-            labels_out.append(labels.cpu())
-            preds_out.append(preds.cpu())
-    labels = torch.cat(labels_out) if labels_out else torch.zeros(0, dtype=torch.long)
-    preds = torch.cat(preds_out) if preds_out else torch.zeros(0, dtype=torch.long)
-    parts = all_gather_objects((labels, preds))
-    return torch.cat([p[0] for p in parts]).long(), torch.cat([p[1] for p in parts]).long()
+            valid = order.valid(offset, len(labels), device)
+            rows = range(len(labels)) if valid is None else valid.nonzero().flatten().tolist()
+            positions += [offset + row for row in rows]
+            offset += len(labels)
+            labels_out += labels.cpu()[list(rows)].tolist()
+            preds_out += preds.cpu()[list(rows)].tolist()
+    _, _, labels, preds = _data.gather_in_dataset_order(order, positions, labels_out, preds_out)
+    return torch.tensor(labels, dtype=torch.long), torch.tensor(preds, dtype=torch.long)
