@@ -493,7 +493,7 @@ def render_report(summary: dict) -> str:
         held = "held" if claim["held"] else "**not held**"
         if len(seeds) > 1:
             count = sum(claim["held_per_seed"].values())
-            held += f" ({count}/{len(seeds)} seeds)"
+            held += f" (held in {count}/{len(seeds)} seeds)"
         evidence = "<br>".join(
             (f"seed {s}: " if len(seeds) > 1 else "") + e for s, e in claim["evidence"].items()
         )
@@ -503,7 +503,7 @@ def render_report(summary: dict) -> str:
     for table in summary["tables"]:
         lines += [f"## Table {table['id']}: {table['title']}", "", table["note"], "",
                   render_table(table), ""]  # fmt: skip
-    lines += ["## Figures", ""]
+    lines += ["## Figures", "", f"From seed {seeds[0]}.", ""]
     for name, caption in summary["figures"].items():
         lines.append(f"![{caption}](figures/{name})")
         lines.append("")
