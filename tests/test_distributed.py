@@ -213,47 +213,32 @@ def test_diagnose_on_two_ranks_equals_one_rank(sharded_diagnostics, run):
         assert got["grad_norms"] == _approx_dict(pair["grad_norms"])
 
 
-@pytest.mark.parametrize("run", EVEN_RUNS)
-def test_verify_counts_on_two_ranks_equal_one_rank(sharded_diagnostics, run):
-    expected = _whole_data(_dist_diagnostics.EVEN_SIZE)["verification"]
+# "odd": 25 examples on 2 ranks. DistributedSampler pads rank 1's shard by repeating index 0;
+# the diagnostics recognise the repeat (from the sampler) and skip it, so it counts once.
+ALL_RUNS = [("even", _dist_diagnostics.EVEN_SIZE), ("even-shuffled", _dist_diagnostics.EVEN_SIZE),
+            ("odd", _dist_diagnostics.ODD_SIZE)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("run", "size"), ALL_RUNS)
+def test_verify_on_two_ranks_equals_one_rank(sharded_diagnostics, run, size):
+    expected = _whole_data(size)["verification"]
     rank0, rank1 = (result["verification"] for result in sharded_diagnostics[run])
     assert rank0 == rank1
     assert expected["fixed"] + expected["new"] > 0
-    for key in ("num_examples", "errors_before", "errors_after", "accuracy_before",
-                "accuracy_after", "fixed", "new", "net", "p_value"):
-        assert rank0[key] == expected[key], key
+    assert expected["num_examples"] == size
+    # Everything, indices included: predict returns rows in dataset order.
+    assert rank0 == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="diagnostics.predict concatenates the ranks' predictions in rank order, so verify's "
-    "fixed/new indices are positions in that order, not dataset indices (issue 6)",
-)
-@pytest.mark.parametrize("run", EVEN_RUNS)
-def test_verify_indices_on_two_ranks_equal_one_rank(sharded_diagnostics, run):
-    expected = _whole_data(_dist_diagnostics.EVEN_SIZE)["verification"]
-    rank0 = sharded_diagnostics[run][0]["verification"]
-    assert rank0["fixed_indices"] == expected["fixed_indices"]
-    assert rank0["new_indices"] == expected["new_indices"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="DistributedSampler pads 25 examples to 26 by repeating index 0 on rank 1, and the "
-    "diagnostics count the repeat (issue 6)",
-)
-def test_localize_with_padded_sampler_equals_one_rank(sharded_diagnostics):
-    expected = _whole_data(_dist_diagnostics.ODD_SIZE)["localization"]
-    rank0 = sharded_diagnostics["odd"][0]["localization"]
-    assert rank0["num_examples"] == expected["num_examples"] == _dist_diagnostics.ODD_SIZE
-    assert rank0["error_indices"] == expected["error_indices"]
-    assert rank0["grad_norms"] == _approx_dict(expected["grad_norms"])
-
-
-def test_friction_survives_a_distributed_checkpoint(training_results):
-    """Each rank's friction sums are its own (a shard's), so they must be saved per rank: a
-    plain tensor would be saved once, from rank 0, and restored on every rank."""
-    for result in training_results["fsdp-iKFAD-torch"]:
-        assert result.friction is not None
-        assert result.resumed_friction == result.friction
-
+@pytest.mark.parametrize(("run", "size"), ALL_RUNS)
+def test_localize_and_diagnose_counts_each_example_once(sharded_diagnostics, run, size):
+    expected = _whole_data(size)
+    got = sharded_diagnostics[run][0]
+    localization = got["localization"]
+    assert localization["num_examples"] == expected["localization"]["num_examples"] == size
+    for key in ("num_errors", "error_indices", "error_labels", "error_predictions"):
+        assert localization[key] == expected["localization"][key], key
+    assert len(set(localization["error_indices"])) == len(localization["error_indices"])
+    assert localization["grad_norms"] == _approx_dict(expected["localization"]["grad_norms"])
+    counts = [pair["count"] for pair in got["diagnosis"]["pairs"]]
+    assert counts == [pair["count"] for pair in expected["diagnosis"]["pairs"]]
