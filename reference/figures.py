@@ -70,8 +70,12 @@ def figure_2(methods: dict, thresholds, path: Path) -> None:
     _save(fig, path)
 
 
+MOMENTUM_METHODS = ("baseline", "1cycle", "physics", "hybrid-mid", "hybrid-epoch")
+
+
 def figure_3(methods: dict, path: Path) -> None:
-    names = [n for n, s in methods.items() if "regime_per_epoch" in s]
+    # SGD-momentum methods only: Adam's beta1 is not the heavy-ball momentum of the oscillator.
+    names = [n for n in MOMENTUM_METHODS if n in methods]
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.5 * len(names)))
     order = list(REGIME_COLORS)
     for row, name in enumerate(names):

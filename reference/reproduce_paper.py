@@ -100,6 +100,18 @@ def output_directory(args) -> Path:
     return out
 
 
+def check_same_run(out: Path, args) -> None:
+    """Record the run's preset and seeds; --resume refuses a directory made by another preset."""
+    record = out / "run.json"
+    current = {"preset": args.preset, "seeds": args.seeds}
+    if args.resume and record.exists():
+        previous = json.loads(record.read_text())
+        if previous["preset"] != args.preset:
+            raise UsageError(f"--resume: {out} holds a {previous['preset']!r} run, not "
+                             f"{args.preset!r}; pass the same --preset or another --out")
+    write_atomically(record, json.dumps(current))
+
+
 def setup_distributed(device: torch.device) -> torch.device:
     """Join the torchrun process group when WORLD_SIZE > 1; returns this rank's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -141,6 +153,8 @@ def run(args) -> dict | None:
         shared = [str(out)]
         dist.broadcast_object_list(shared, src=0)
         out = Path(shared[0])
+    if rank == 0:
+        check_same_run(out, args)
     arrays = load_arrays(preset, args.data_dir, not args.no_download)
     # The subset is fixed (data seed 0) so that every seed is scored on the same test images.
     data = datasets.prepare(arrays, device, preset.train_size, preset.test_size,

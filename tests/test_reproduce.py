@@ -246,3 +246,13 @@ def test_output_path_that_is_a_file(tmp_path, data_dir):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: cannot write to output directory {blocker / 'run'}: Not a directory"]
+
+
+def test_resume_refuses_a_run_of_another_preset(tmp_path, data_dir):
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "quick", "seeds": [42]}))
+    result = reproduce("--data-dir", data_dir, "--out", tmp_path, "--resume", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: --resume: {tmp_path} holds a 'quick' run, not 'smoke'; pass the same "
+        "--preset or another --out"
+    )
