@@ -32,8 +32,8 @@ BLOCK = _multi_tensor.BLOCK
 # sizes: empty, tiny, one full block, a full block plus a tail, two blocks plus a tail
 SIZES = [0, 5, BLOCK, BLOCK + 1, 2 * BLOCK + 300]
 # how far a kernel may be from the reference: fp32 arrays within 1e-6 of the tensor's scale,
-# low-precision params within one unit in the last place of their dtype
-RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+# low-precision params within their dtype's epsilon (a unit or two in the last place)
+RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
 def assert_matches(actual, expected, dtype=torch.float32):
@@ -275,7 +275,7 @@ def test_two_groups_of_different_dtypes_match_the_loop_backend():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(half_t.parameters(), half_l.parameters()):
         assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a, b, rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-6)
     for a, b in zip(opt_t.friction_summary().values(), opt_l.friction_summary().values()):
         assert a.mean == pytest.approx(b.mean, rel=1e-5)
 
