@@ -22,15 +22,11 @@ from collections import defaultdict
 import torch
 
 from ._distributed import local_tensor
+from ._state import load_state_dict_keeping_state_dtype, state_dtype
 from ._validation import check_gradients, check_learning_rate, check_non_negative
 
 BACKENDS = ("auto", "torch", "loop", "triton", "compiled")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """Optimizer state and math are fp32 for fp16/bf16/fp32 parameters, fp64 for fp64 ones."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def relaxation_weight(alpha: float, h: float) -> float:
@@ -87,6 +83,9 @@ class FrictionOptimizer(torch.optim.Optimizer):
             if name in param_group:
                 check(name, param_group[name])
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict) -> None:
+        load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
 
     def hyperparameters(self, group: dict) -> dict:
         return {name: group[name] for name in self.hyperparameter_checks}

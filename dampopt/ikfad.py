@@ -62,7 +62,9 @@ def ikfad_update(param, grad, momentum, friction, *, lr, gamma, alpha, mu, weigh
     return xi.sum()
 
 
-def ikfad_update_foreach(params, grads, momenta, frictions, *, lr, gamma, alpha, mu, weight_decay=0.0):
+def ikfad_update_foreach(
+    params, grads, momenta, frictions, *, lr, gamma, alpha, mu, weight_decay=0.0
+):
     """:func:`ikfad_update` over lists of tensors of one device and dtype, with foreach ops."""
     h = math.sqrt(lr)
     dtype = momenta[0].dtype

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
+from ._distributed import is_dtensor
+from ._state import load_state_dict_keeping_state_dtype
 from ._validation import (
     check_gradients,
     check_learning_rate,
@@ -191,7 +193,7 @@ class PhysicsSGD(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         hybrid = state_dict.get("hybrid")
-        super().load_state_dict(state_dict)
+        load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
         if hybrid is not None:
             self.switch_step = hybrid["switch_step"]
             self.switch_metric = hybrid["switch_metric"]
@@ -239,6 +241,11 @@ class PhysicsSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             check_learning_rate(group["lr"], allow_zero=True)
             check_gradients(p for p in group["params"] if p.grad is not None)
+            if group["fused"] and any(is_dtensor(p) for p in group["params"]):
+                raise RuntimeError(
+                    "PhysicsSGD(fused=True) cannot step DTensor (FSDP2) parameters: torch's "
+                    "fused SGD kernel has no DTensor rule; use the default (foreach) path"
+                )
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

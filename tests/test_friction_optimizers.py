@@ -372,3 +372,27 @@ def test_zero_lr_reached_by_a_schedule_leaves_params_unchanged():
         before = _flat(model)
         _train(model, optimizer, 1, start=2)
         assert torch.equal(_flat(model), before)
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "physics"])
+def test_bf16_resume_keeps_fp32_state_and_is_bit_identical(name):
+    """torch's load_state_dict casts state to the param dtype; ours must stay fp32."""
+    from dampopt import PhysicsSGD
+
+    cls, hyper = CONFIGS.get(name, (PhysicsSGD, dict(lr=0.05)))
+    straight = _model(torch.bfloat16)
+    _train(straight, cls(straight.parameters(), **hyper), 6)
+    first = _model(torch.bfloat16)
+    optimizer = cls(first.parameters(), **hyper)
+    _train(first, optimizer, 3)
+    saved = copy.deepcopy((first.state_dict(), optimizer.state_dict()))
+    resumed = _model(torch.bfloat16)
+    resumed.load_state_dict(saved[0])
+    optimizer = cls(resumed.parameters(), **hyper)
+    optimizer.load_state_dict(saved[1])
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert value.dtype == torch.float32
+    _train(resumed, optimizer, 3, start=3)
+    assert torch.equal(_flat(resumed), _flat(straight))

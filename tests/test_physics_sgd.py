@@ -295,3 +295,24 @@ def test_unsupported_gradients_raise_before_any_group_changes(kind):
         optimizer.step()
     assert torch.equal(good.detach(), torch.ones(4)) and not optimizer.state
     assert optimizer.steps == 0
+
+
+def test_fused_path_refuses_dtensor_parameters_before_changing_anything(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.ones(4), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(torch.ones(4), mesh, [Shard(0)])
+        optimizer = PhysicsSGD([param], lr=0.1, fused=True)
+        with pytest.raises(RuntimeError, match=r"fused=True\) cannot step DTensor"):
+            optimizer.step()
+        assert torch.equal(param.full_tensor(), torch.ones(4)) and not optimizer.state
+        PhysicsSGD([param], lr=0.1).step()  # the default path steps the shard
+        assert torch.allclose(param.full_tensor(), torch.full((4,), 0.9))
+    finally:
+        dist.destroy_process_group()
