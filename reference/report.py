@@ -295,7 +295,7 @@ def format_value(value, fmt: str) -> str:
         ((kind, number),) = value.items()
         if kind == "signed":
             return f"{number:+.0f}" if float(number).is_integer() else f"{number:+.1f}"
-        return f"{number:.2%}" if kind == "acc" else f"{number:.0%}"
+        return f"{number:.2%}" if kind == "acc" else f"{number:.1%}"
     if fmt == "acc":
         return f"{value:.2%}"
     if fmt == "seconds":

@@ -135,9 +135,16 @@ def test_regime_counts_sum_to_epochs(smoke_run):
     assert methods["baseline"]["regime_per_epoch"][0] == "underdamped"
     assert methods["baseline"]["mu"] == [0.9] * SMOKE_EPOCHS
     assert methods["physics"]["mu"][0] == 0.5  # clamp(1 - 2 sqrt(0.1)) = 0.5
-    # 1cycle: 0.85 at the peak lr, rising as the lr falls
-    assert methods["1cycle"]["mu"][0] == pytest.approx(0.85)
-    assert methods["1cycle"]["mu"] == sorted(methods["1cycle"]["mu"])
+    # 1cycle: 0.85 at the peak lr, rising linearly to 0.95 as the lr falls to lr_min = 1e-4
+    lrs = methods["1cycle"]["lr"]
+    assert lrs == methods["baseline"]["lr"] == methods["physics"]["lr"]
+    assert lrs[0] == 0.1 and lrs[-1] == pytest.approx(1e-4 + (0.1 - 1e-4) * 0.25)  # cos(2pi/3)
+    assert methods["1cycle"]["mu"] == pytest.approx(
+        [0.95 - 0.10 * (lr - 1e-4) / (0.1 - 1e-4) for lr in lrs]
+    )
+    assert methods["physics"]["mu"] == pytest.approx(
+        [min(max(1 - 2 * lr**0.5, 0.5), 0.99) for lr in lrs]
+    )
 
 
 def test_report_shows_the_numbers_in_results_json(smoke_run):
