@@ -246,7 +246,9 @@ class TensorLoader:
 
     ``epoch`` selects the shuffle and augmentation draws; each ``iter()`` uses the current
     ``epoch`` and then advances it, so a caller that never sets it (e.g. a correction loop)
-    still sees a new order every pass. Under torch.distributed each rank gets its shard.
+    still sees a new order every pass. Under torch.distributed each rank gets its shard of
+    the examples; a training loader's ``batch_size`` is the global batch, split evenly over
+    the ranks, so N processes train with the paper's batch, not N times it.
     """
 
     def __init__(
@@ -262,6 +264,12 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
+        if train:
+            if batch_size % world_size:
+                raise ValueError(
+                    f"the batch size {batch_size} must divide evenly over {world_size} processes"
+                )
+            batch_size //= world_size
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.crop_padding, self.channels_last = crop_padding, channels_last

@@ -107,7 +107,7 @@ class Lab:
         self.hybrid_switch_epoch: int | None = None
         rank, world_size = world()
         shard = math.ceil(len(data.train_labels) / world_size)
-        self.steps_per_epoch = math.ceil(shard / settings.batch_size)
+        self.steps_per_epoch = math.ceil(shard / (settings.batch_size // world_size))
         self.rank, self.world_size = rank, world_size
 
     def trained(self, name: str) -> TrainingRun:
