@@ -1,8 +1,9 @@
 """Time one optimizer step per case (pytest-benchmark); the table prints at the end.
 
 Run: ``.venv/bin/python -m pytest benchmarks/bench_step.py -q`` (see benchmarks/README.md).
-Environment: ``DAMPOPT_BENCH_DEVICE`` (default cuda when available, else cpu) and
-``DAMPOPT_BENCH_SETS`` (comma-separated subset of 1M, ResNet-18, 64M).
+Environment: ``DAMPOPT_BENCH_DEVICE`` (default cuda when available, else cpu),
+``DAMPOPT_BENCH_SETS`` (comma-separated subset of 1M, ResNet-18, 64M) and
+``DAMPOPT_BENCH_THREADS`` (CPU threads; default torch's, one per core).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def bench_sets() -> list[str]:
 
 
 DEVICE = bench_device()
+if os.environ.get("DAMPOPT_BENCH_THREADS"):
+    # On a shared 2-core machine one thread gives steadier medians: a 2-thread kernel stalls
+    # whenever another process holds the second core.
+    torch.set_num_threads(int(os.environ["DAMPOPT_BENCH_THREADS"]))
 # CPU steps take 1-500 ms: fewer rounds for bigger sets. A GPU step is shorter than the
 # launch and sync overhead, so a GPU round is STEPS_PER_ROUND steps and one synchronize.
 ROUNDS = {"1M": 15, "ResNet-18": 9, "64M": 5} if DEVICE.type == "cpu" else {

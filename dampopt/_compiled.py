@@ -1,7 +1,10 @@
 """The "compiled" backend: each friction rule fused into about one pass by ``torch.compile``.
 
 For CPU users, where the Triton kernels do not run. Inductor turns each step function below
-into one C++ loop that reads param, grad and state once and writes them once.
+into one C++ loop that reads param, grad and state once and writes them once (iKFAD's friction
+sums take one more read of xi, outside the compiled step). Tensors under ``SMALL_TENSOR``
+elements take the rule's foreach version instead: for them a compiled call's host time costs
+more than the pass it saves.
 
 Why the rules are restated here instead of compiling ``update``/``update_foreach`` directly:
 those take ``lr`` and the hyperparameters as Python floats and call ``math.sqrt(lr)``, and
@@ -57,7 +60,6 @@ def _ikfad_step(param, grad, momentum, friction, scalars, has_weight_decay: bool
     param.copy_(q)
     momentum.copy_(p)
     friction.copy_(xi)
-    return xi.sum()
 
 
 def _cubic_damped_scalars(lr, gamma, c, weight_decay=0.0):
@@ -120,9 +122,9 @@ _COMPILED: dict = {}
 def compiled_step(kernel_name: str):
     """The torch.compile'd per-tensor step of a rule (compiled lazily, once per process).
 
-    Contiguous tensors are passed flattened with a symbolic length, so a few compiled graphs
-    serves every tensor of every model: the compile cost does not grow with the number of
-    tensors (one graph over ResNet-18's list of 62 tensors took 60-110 s to compile here).
+    Contiguous tensors are passed flattened with a symbolic length, so one or two compiled
+    graphs serve every tensor of every model: the compile cost does not grow with the number
+    of tensors (one graph over ResNet-18's list of 62 tensors took 60-110 s to compile here).
     """
     if kernel_name not in _COMPILED:
         _COMPILED[kernel_name] = torch.compile(_RULES[kernel_name][1], fullgraph=True,
@@ -198,8 +200,11 @@ def _compiled_steps(name, params, grads, states, kwargs, indices):
     torch._dynamo.mark_static(scalars)
     has_weight_decay = bool(kwargs.get("weight_decay", 0.0))
     step = compiled_step(name)
-    results = [
-        step(*_arguments(params, grads, states, i), scalars, has_weight_decay) for i in indices
-    ]
+    for i in indices:
+        step(*_arguments(params, grads, states, i), scalars, has_weight_decay)
     _mark_changed([params[i] for i in indices], [[state[i] for i in indices] for state in states])
-    return results
+    if name != "ikfad":
+        return [None] * len(indices)
+    # The friction sums, as the foreach rule takes them (xi >= 0, so its L1 norm is its sum):
+    # one extra read of xi. Inductor's own sum inside the step doubled the step's time here.
+    return list(torch._foreach_norm([states[1][i] for i in indices], 1))
