@@ -20,6 +20,7 @@ rebuilt only when those change (a new grad tensor every step, as after
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -153,9 +154,12 @@ def launch(kernel, params, grads, states, scalars: dict, flags: dict, sums=None)
     pointers, aligned = pointer_table(arrays, device)
     protos = [array[0] for array in arrays]
     extra = () if sums is None else (sums,)
-    kernel[(blocks.shape[0],)](
-        pointers, blocks, *extra, *protos, **scalars, **flags, ALIGNED=aligned, BLOCK=BLOCK
-    )
+    # Triton launches on the current CUDA device: make it the tensors' one (cuda:1 params).
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[(blocks.shape[0],)](
+            pointers, blocks, *extra, *protos, **scalars, **flags, ALIGNED=aligned, BLOCK=BLOCK
+        )
 
 
 # -- helpers the kernels share ---------------------------------------------------------------
