@@ -10,8 +10,9 @@ Backends (``backend=``):
     "loop"     the reference function tensor by tensor (slowest; the definition);
     "triton"   one fused Triton kernel launch per (group, device, dtype) - ``dampopt.kernels``;
     "compiled" the foreach rule fused by ``torch.compile`` (pays a one-off compile);
-    "auto"     "triton" for CUDA tensors when triton imports, the measured best CPU path
-               otherwise (see ``cpu_backend``).
+    "auto"     "triton" for fp32/bf16/fp16 CUDA tensors when triton imports; on CPU the
+               fastest measured path, "compiled", when a C++ compiler is found (see
+               ``cpu_backend``); "torch" otherwise.
 """
 
 from __future__ import annotations
@@ -130,8 +131,13 @@ class FrictionOptimizer(torch.optim.Optimizer):
             check_learning_rate(group["lr"], allow_zero=True)
             check_gradients(p for p in group["params"] if p.grad is not None)
             for p in group["params"]:
-                if p.grad is not None:
-                    resolve_backend(group["backend"], p.device)
+                if p.grad is None:
+                    continue
+                if resolve_backend(group["backend"], p.device, p.dtype) == "triton":
+                    from dampopt.kernels import check_arrays
+
+                    # dtype and layout problems surface here, not after other buckets moved
+                    check_arrays([local_tensor(p)], [local_tensor(p.grad)], [])
 
         for group in self.param_groups:
             params, grads, states = self._gather(group)
@@ -142,8 +148,8 @@ class FrictionOptimizer(torch.optim.Optimizer):
             buckets = defaultdict(list)
             for i, param in enumerate(params):
                 buckets[(param.device, param.dtype)].append(i)
-            for (device, _), index in buckets.items():
-                backend = resolve_backend(group["backend"], device)
+            for (device, dtype), index in buckets.items():
+                backend = resolve_backend(group["backend"], device, dtype)
                 # FSDP2 parameters, grads and state are DTensors: every backend works on this
                 # rank's shards (views), so no full parameter is ever gathered.
                 sums = run_backend(
@@ -176,16 +182,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-#: The backend "auto" picks for CPU tensors (the fastest measured there; benchmarks/README.md).
-cpu_backend = "torch"
+#: The backend "auto" picks for CPU tensors: the fastest measured there (benchmarks/README.md).
+#: It compiles once per bucket on the first step (seconds; cached on disk) and runs tensors
+#: under dampopt._compiled.SMALL_TENSOR elements uncompiled, so small models never compile.
+cpu_backend = "compiled"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _cpp_compiler_available() -> bool:
+    """Inductor's CPU code is C++ compiled at run time: without a compiler, use foreach."""
+    import os
+    import shutil
+
+    candidates = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
+    return any(shutil.which(name) for name in candidates if name)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend for tensors on ``device``; raises for impossible requests."""
     if backend == "auto":
-        if device.type == "cuda" and _triton_available():
+        if device.type == "cuda" and dtype != torch.float64 and _triton_available():
             return "triton"
-        return cpu_backend if device.type == "cpu" else "torch"
+        if device.type == "cpu" and cpu_backend == "compiled" and _cpp_compiler_available():
+            return "compiled"
+        return "torch"
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
@@ -194,6 +213,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' needs CUDA tensors (got {device.type}); on CPU use "
                 "backend='torch', 'compiled' or 'auto', or set TRITON_INTERPRET=1 before "
                 "importing triton to run the kernels in Triton's (slow) interpreter"
+            )
+        if dtype == torch.float64:
+            raise TypeError(
+                "backend='triton' takes fp32, bf16 or fp16 parameters, got float64; use "
+                "backend='torch' or 'auto' (which sends fp64 to torch)"
             )
     return backend
 

@@ -145,12 +145,15 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
         state["friction_steps"] = 0
 
     def _record_sums(self, params, sums) -> None:
-        for param, total in zip(params, sums):
+        # Two foreach ops for the whole bucket: per-tensor ops would be two launches per tensor.
+        lasts, totals = [], []
+        for param in params:
             state = self.state[param]
-            last = local_tensor(state["friction_sum"])
-            last.copy_(total)
-            local_tensor(state["friction_sum_total"]).add_(last)
+            lasts.append(local_tensor(state["friction_sum"]))
+            totals.append(local_tensor(state["friction_sum_total"]))
             state["friction_steps"] += 1
+        torch._foreach_copy_(lasts, [s.reshape(last.shape) for s, last in zip(sums, lasts)])
+        torch._foreach_add_(totals, lasts)
 
     def friction(self, param: torch.Tensor) -> torch.Tensor:
         """The per-element friction xi of ``param`` (zeros before its first step).

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._multi_tensor import check_arrays
 from .cadam import cadam_launch
 from .cubic_damped import cubic_damped_launch
 from .ikfad import ikfad_kernel, ikfad_launch
+
+__all__ = ["LAUNCHERS", "check_arrays", "interpreting", "launch"]
 
 # triton.jit decides at decoration time whether a kernel is interpreted or compiled.
 _INTERPRETED = isinstance(ikfad_kernel, InterpretedFunction)

@@ -396,3 +396,31 @@ def test_bf16_resume_keeps_fp32_state_and_is_bit_identical(name):
                 assert value.dtype == torch.float32
     _train(resumed, optimizer, 3, start=3)
     assert torch.equal(_flat(resumed), _flat(straight))
+
+
+def test_auto_backend_resolution(monkeypatch):
+    from dampopt import _friction
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(_friction, "_triton_available", lambda: True)
+    assert _friction.resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert _friction.resolve_backend("auto", cuda, torch.float64) == "torch"  # kernels are fp32
+    monkeypatch.setattr(_friction, "_cpp_compiler_available", lambda: True)
+    assert _friction.resolve_backend("auto", cpu, torch.float32) == "compiled"
+    monkeypatch.setattr(_friction, "_cpp_compiler_available", lambda: False)
+    assert _friction.resolve_backend("auto", cpu, torch.float32) == "torch"
+    with pytest.raises(TypeError, match="got float64"):
+        _friction.resolve_backend("triton", cuda, torch.float64)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_triton_layout_problem_raises_before_any_bucket_changes(name):
+    cls, hyper = CONFIGS[name]
+    good = torch.nn.Parameter(torch.ones(8))
+    good.grad = torch.ones(8)
+    odd = torch.nn.Parameter(torch.ones(4, 6))
+    odd.grad = torch.ones(6, 4).t()  # same shape, transposed strides: not the param's layout
+    optimizer = cls([{"params": [good]}, {"params": [odd]}], backend="triton", **hyper)
+    with pytest.raises(ValueError, match="strides"):
+        optimizer.step()
+    assert torch.equal(good.detach(), torch.ones(8)) and not optimizer.state
