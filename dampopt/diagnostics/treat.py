@@ -195,19 +195,19 @@ def treat(
         target.training = source.training
     report = _report(
         model,
-        names,
-        element_masks,
-        layer_names,
-        mask is not None,
-        epochs,
-        steps,
-        optimizer_name,
-        lrs,
-        momenta,
-        losses,
-        ewc,
-        weight_decay,
-        wall,
+        names=names,
+        element_masks=element_masks,
+        layer_names=layer_names,
+        masked=mask is not None,
+        epochs=epochs,
+        steps=steps,
+        optimizer_name=optimizer_name,
+        lrs=lrs,
+        momenta=momenta,
+        losses=losses,
+        ewc=ewc,
+        weight_decay=weight_decay,
+        wall=wall,
     )
     return corrected, report
 
@@ -365,6 +365,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _report(
     model,
+    *,
     names,
     element_masks,
     layer_names,
