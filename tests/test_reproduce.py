@@ -96,6 +96,11 @@ def test_every_table_figure_and_log_is_written(smoke_run):
         lines = (out / "logs" / "seed42" / f"{method}.csv").read_text().splitlines()
         assert len(lines) == 1 + SMOKE_EPOCHS
         assert (out / "checkpoints" / "seed42" / f"{method}.pt").stat().st_size > 0
+    # written through a temporary file, but readable like any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("report.md", "results.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     assert not list(out.glob("*.tmp"))
 
 
