@@ -17,6 +17,7 @@ Backends (``backend=``):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -188,11 +189,20 @@ def _interpreting() -> bool:
 cpu_backend = "compiled"
 
 
+@functools.cache
 def _cpp_compiler_available() -> bool:
-    """Inductor's CPU code is C++ compiled at run time: without a compiler, use foreach."""
+    """Whether torch.compile can build CPU code here: dynamo supports this Python, and a C++
+    compiler is on the PATH (inductor compiles C++ at run time). Otherwise auto uses foreach."""
     import os
     import shutil
 
+    try:
+        from torch._dynamo import is_dynamo_supported
+
+        if not is_dynamo_supported():
+            return False
+    except Exception:  # a torch without dynamo
+        return False
     candidates = (os.environ.get("CXX", ""), "g++", "c++", "clang++")
     return any(shutil.which(name) for name in candidates if name)
 
