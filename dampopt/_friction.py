@@ -256,9 +256,15 @@ def run_backend(optimizer, backend, params, grads, states, kwargs):
 # -- helpers the update functions share ------------------------------------------------------
 
 
-def working_copy(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The parameter in the math dtype: itself when it already is, else an fp32 copy."""
-    return param if param.dtype == dtype else param.to(dtype)
+def working_tensors(param, grad, dtype, weight_decay):
+    """``(q, g)`` in the math dtype: the parameter itself when it already has that dtype (else
+    an fp32 copy, written back by :func:`write_back`), and the gradient with coupled L2 weight
+    decay, ``g + weight_decay * q``."""
+    q = param if param.dtype == dtype else param.to(dtype)
+    g = grad.to(dtype)
+    if weight_decay:
+        g = g + weight_decay * q
+    return q, g
 
 
 def write_back(param: torch.Tensor, work: torch.Tensor) -> None:
@@ -266,10 +272,13 @@ def write_back(param: torch.Tensor, work: torch.Tensor) -> None:
         param.copy_(work)
 
 
-def working_copies(params, dtype):
-    if params[0].dtype == dtype:
-        return params
-    return [p.to(dtype) for p in params]
+def working_lists(params, grads, dtype, weight_decay):
+    """:func:`working_tensors` for lists of one dtype, with foreach ops."""
+    qs = params if params[0].dtype == dtype else [p.to(dtype) for p in params]
+    gs = grads if grads[0].dtype == dtype else [g.to(dtype) for g in grads]
+    if weight_decay:
+        gs = torch._foreach_add(gs, qs, alpha=weight_decay)
+    return qs, gs
 
 
 def write_backs(params, works) -> None:

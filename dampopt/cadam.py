@@ -22,8 +22,8 @@ import torch
 from ._friction import (
     FrictionOptimizer,
     relaxation_weight,
-    working_copies,
-    working_copy,
+    working_lists,
+    working_tensors,
     write_back,
     write_backs,
 )
@@ -36,10 +36,7 @@ def cadam_update(
     """One CADAM step on one tensor, in place (math in the state's dtype)."""
     h = math.sqrt(lr)
     p, zeta = momentum, second_moment
-    q = working_copy(param, p.dtype)
-    g = grad.to(p.dtype)
-    if weight_decay:
-        g = g + weight_decay * q
+    q, g = working_tensors(param, grad, p.dtype, weight_decay)
     p.add_(g, alpha=-h)  # B: p = p - h g
     zeta.mul_(math.exp(-alpha * h)).addcmul_(g, g, value=relaxation_weight(alpha, h))  # C
     q.addcdiv_(p, zeta.sqrt().add_(eps), value=h)  # A: q = q + h p / (sqrt(zeta) + eps)
@@ -54,10 +51,7 @@ def cadam_update_foreach(
     """:func:`cadam_update` over lists of tensors of one device and dtype."""
     h = math.sqrt(lr)
     dtype = momenta[0].dtype
-    qs = working_copies(params, dtype)
-    gs = [g.to(dtype) for g in grads] if grads[0].dtype != dtype else grads
-    if weight_decay:
-        gs = torch._foreach_add(gs, qs, alpha=weight_decay)
+    qs, gs = working_lists(params, grads, dtype, weight_decay)
     torch._foreach_add_(momenta, gs, alpha=-h)  # B
     torch._foreach_mul_(second_moments, math.exp(-alpha * h))  # C
     torch._foreach_addcmul_(second_moments, gs, gs, value=relaxation_weight(alpha, h))

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._friction import FrictionOptimizer, working_copies, working_copy, write_back, write_backs
+from ._friction import FrictionOptimizer, working_lists, working_tensors, write_back, write_backs
 from ._validation import check_non_negative
 
 
@@ -28,10 +28,7 @@ def cubic_damped_update(param, grad, momentum, *, lr, gamma, c, weight_decay=0.0
     """One CD step on one tensor, in place (math in the state's dtype)."""
     h = math.sqrt(lr)
     p = momentum
-    q = working_copy(param, p.dtype)
-    g = grad.to(p.dtype)
-    if weight_decay:
-        g = g + weight_decay * q
+    q, g = working_tensors(param, grad, p.dtype, weight_decay)
     p.add_(g, alpha=-h)  # B: p = p - h g
     q.add_(p, alpha=h)  # A: q = q + h p
     p.div_(torch.sqrt(1 + (2 * c * h) * p * p))  # C: cubic damping, exact flow
@@ -43,10 +40,7 @@ def cubic_damped_update_foreach(params, grads, momenta, *, lr, gamma, c, weight_
     """:func:`cubic_damped_update` over lists of tensors of one device and dtype."""
     h = math.sqrt(lr)
     dtype = momenta[0].dtype
-    qs = working_copies(params, dtype)
-    gs = [g.to(dtype) for g in grads] if grads[0].dtype != dtype else grads
-    if weight_decay:
-        gs = torch._foreach_add(gs, qs, alpha=weight_decay)
+    qs, gs = working_lists(params, grads, dtype, weight_decay)
     torch._foreach_add_(momenta, gs, alpha=-h)  # B
     torch._foreach_add_(qs, momenta, alpha=h)  # A
     denominator = torch._foreach_mul(momenta, momenta)  # C

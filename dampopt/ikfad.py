@@ -32,8 +32,8 @@ from ._distributed import accumulator_totals, local_tensor, shard_accumulator
 from ._friction import (
     FrictionOptimizer,
     relaxation_weight,
-    working_copies,
-    working_copy,
+    working_lists,
+    working_tensors,
     write_back,
     write_backs,
 )
@@ -48,10 +48,7 @@ def ikfad_update(param, grad, momentum, friction, *, lr, gamma, alpha, mu, weigh
     """
     h = math.sqrt(lr)
     p, xi = momentum, friction
-    q = working_copy(param, p.dtype)
-    g = grad.to(p.dtype)
-    if weight_decay:
-        g = g + weight_decay * q
+    q, g = working_tensors(param, grad, p.dtype, weight_decay)
     p.add_(g, alpha=-h)  # B: p = p - h g
     q.add_(p, alpha=h)  # A: q = q + h p
     p.mul_(torch.exp(xi * (-h / 2)))  # C: half kick of friction
@@ -68,10 +65,7 @@ def ikfad_update_foreach(
     """:func:`ikfad_update` over lists of tensors of one device and dtype, with foreach ops."""
     h = math.sqrt(lr)
     dtype = momenta[0].dtype
-    qs = working_copies(params, dtype)
-    gs = [g.to(dtype) for g in grads] if grads[0].dtype != dtype else grads
-    if weight_decay:
-        gs = torch._foreach_add(gs, qs, alpha=weight_decay)
+    qs, gs = working_lists(params, grads, dtype, weight_decay)
     torch._foreach_add_(momenta, gs, alpha=-h)  # B
     torch._foreach_add_(qs, momenta, alpha=h)  # A
     kick = torch._foreach_mul(frictions, -h / 2)  # C
