@@ -5,9 +5,15 @@ batch is gathered by index and augmented with tensor ops (random crop with zero 
 horizontal flip, the paper's Sec. 4.1 augmentation), so there is no per-batch CPU work.
 
 Batch order comes from :class:`torch.utils.data.DistributedSampler` (in one process: one replica),
-which draws the permutation of epoch ``e`` from ``seed + e`` alone; the crop and flip draws come
-from a generator seeded the same way. An epoch's batches are therefore a function of
-``(seed, epoch)``, which is what makes ``--resume`` reproduce an uninterrupted run exactly.
+and the crop and flip draws from a generator on the data's device. Both are seeded per epoch by
+:func:`epoch_seed`, a function of the run's seed and the epoch alone: an epoch's batches are
+therefore a function of ``(seed, epoch)``, which is what makes ``--resume`` reproduce an
+uninterrupted run exactly, and every torchrun rank draws the same permutation and takes its
+shard of it. The sampler's own ``seed + epoch`` is not used (its epoch stays 0): with it, seed 42
+epoch 1 was the permutation of seed 43 epoch 0. :func:`epoch_seed` packs ``(seed, epoch)``
+into 32 bits and mixes them bijectively, so that distinct pairs with both in ``[0, 65536)`` get
+distinct generator seeds (32 bits, because torch's CPU generator keeps only the low 32 bits of
+a seed: seeds differing above bit 31 draw the same numbers).
 
 Fashion-MNIST is read from its idx.gz files with numpy (Debian's ``dataset-fashion-mnist``
 installs them under /usr/share/datasets/fashion-mnist); CIFAR-10 comes from torchvision.
@@ -43,6 +49,9 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 
 _IDX_DTYPES = {0x08: np.uint8}
+
+# Generator streams of :func:`epoch_seed`: the shuffle, and the crop and flip draws.
+ORDER_STREAM, AUGMENT_STREAM = 0x0000_0000, 0x9E37_79B9
 
 
 class DataUnavailable(RuntimeError):
@@ -222,6 +231,27 @@ def prepare(
     )
 
 
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2**32) that spreads every input bit."""
+    h ^= h >> 16
+    h = (h * 0x85EB_CA6B) & 0xFFFF_FFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2_AE35) & 0xFFFF_FFFF
+    return h ^ (h >> 16)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """The 32-bit generator seed of ``stream`` for epoch ``epoch`` of the run with ``seed``.
+
+    ``(seed mod 2**16, epoch mod 2**16)`` packed into 32 bits, xor'ed with the stream's constant
+    and passed through :func:`_fmix32`: each step is a bijection, so within a stream two pairs
+    with both numbers in ``[0, 65536)`` never share a seed (unlike ``seed + epoch``), while
+    consecutive seeds or epochs still get unrelated generator states.
+    """
+    packed = ((seed & 0xFFFF) << 16) | (epoch & 0xFFFF)
+    return _fmix32(packed ^ stream)
+
+
 def random_crop_flip(
     images: torch.Tensor, padding: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -273,21 +303,31 @@ class TensorLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.crop_padding, self.channels_last = crop_padding, channels_last
-        self.sampler = DistributedSampler(
-            range(len(labels)), num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
-            drop_last=False,
-        )
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.sampler = self._sampler(0)
+
+    def _sampler(self, epoch: int) -> DistributedSampler:
+        """This rank's sampler for ``epoch``: the same permutation on every rank, then sharded.
+
+        The epoch is folded into the sampler's seed by :func:`epoch_seed` and its own epoch
+        left at 0, since DistributedSampler seeds with ``seed + epoch``.
+        """
+        return DistributedSampler(
+            range(len(self.labels)), num_replicas=self.world_size, rank=self.rank,
+            shuffle=self.train, seed=epoch_seed(self.seed, epoch, ORDER_STREAM), drop_last=False,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
-        self.sampler.set_epoch(epoch)
+        self.sampler = self._sampler(epoch)
         order = torch.tensor(list(iter(self.sampler)), device=self.labels.device)
         # On the data's device, so that augmenting a CUDA batch needs nothing from the CPU.
-        generator = torch.Generator(self.labels.device).manual_seed(self.seed * 100_003 + epoch)
+        generator = torch.Generator(self.labels.device)
+        generator.manual_seed(epoch_seed(self.seed, epoch, AUGMENT_STREAM))
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             images = self.images[index]

@@ -181,6 +181,13 @@ def experiment_1(lab: Lab) -> dict:
 # -- corrections shared by Experiments 2 and 3 -------------------------------------------------
 
 
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list:
+    """Accuracy on each class's examples, in class order; None for a class with none."""
+    hits = (predictions == labels).float()
+    return [float(hits[labels == c].mean()) if bool((labels == c).any()) else None
+            for c in range(num_classes)]  # fmt: skip
+
+
 def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: float,
             layers=None, mask=None) -> dict:  # fmt: skip
     """Treat (retrain ``layers`` / ``mask`` with physics momentum) and verify on the test set.
@@ -214,6 +221,9 @@ def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: 
         "epoch_losses": list(treatment.epoch_losses),
         "correction_seconds": treatment.wall_time_s,
         **verification,
+        # on the examples verified (the test set), from the predictions before and after
+        "per_class_before": per_class_accuracy(before, lab.data.test_labels, len(lab.data.classes)),
+        "per_class_after": per_class_accuracy(after, lab.data.test_labels, len(lab.data.classes)),
         "saving": saving.to_dict(),
     }
     if lab.rank == 0:

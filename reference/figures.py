@@ -1,4 +1,4 @@
-"""The paper's figures from one seed's results (matplotlib, Agg backend: no display needed).
+"""The paper's figures from a run's results (matplotlib, Agg backend: no display needed).
 
 - fig1_lr_momentum.png: the cosine lr, and mu of baseline / 1cycle / physics with the unclamped
   critical curve mu_c = 1 - 2 sqrt(lr); red above it (underdamped), blue below (overdamped).
@@ -6,6 +6,12 @@
 - fig3_regimes.png: the damping regime of every epoch, one strip per method.
 - grad_norms.png: per-group grad norm on misclassified vs correctly classified test images.
 - corrections.png: errors fixed / new / net of corrections A-E.
+- per_class_A.png: per-class test accuracy before and after correction A.
+
+With several seeds the per-epoch curves (figures 1 and 2) are the mean over seeds with the
+min-max range shaded (:func:`mean_and_band`), figure 3 has one thin strip per seed in each
+method's row, and the per-class bars are means with min-max error bars; the gradient and
+correction figures are the first seed's. Every caption says which seeds it shows.
 """
 
 from __future__ import annotations
@@ -29,7 +35,35 @@ CAPTIONS = {
     "fig3_regimes.png": "Fig. 3: damping regime of every epoch",
     "grad_norms.png": "Per-group gradient norm on errors vs correct images (baseline)",
     "corrections.png": "Errors fixed / new / net of corrections A-E",
+    "per_class_A.png": "Per-class test accuracy before / after correction A",
 }
+# drawn from every seed's results; the other figures from the first seed's
+EVERY_SEED = ("fig1_lr_momentum.png", "fig2_test_accuracy.png", "fig3_regimes.png",
+             "per_class_A.png")  # fmt: skip
+
+
+def mean_and_band(curves) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, min, max)`` over seeds, per epoch, of equal-length curves (one per seed).
+
+    None (a value a method does not have) becomes NaN, which matplotlib leaves out.
+    """
+    values = np.array([[np.nan if v is None else v for v in curve] for curve in curves],
+                      dtype=float)  # fmt: skip
+    if values.ndim != 2 or not len(values):
+        raise ValueError("mean_and_band needs one or more curves of the same length")
+    return values.mean(axis=0), values.min(axis=0), values.max(axis=0)
+
+
+def _seeds_note(count: int) -> str:
+    return "" if count == 1 else f" (mean of {count} seeds, shaded: min-max)"
+
+
+def _curve(ax, epochs, curves, color, label, **style) -> None:
+    """The mean of ``curves``, and with several seeds their min-max band."""
+    mean, low, high = mean_and_band(curves)
+    ax.plot(epochs, mean, color=color, label=label, **style)
+    if len(curves) > 1:
+        ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
 
 
 def _save(fig, path: Path) -> None:
@@ -39,12 +73,14 @@ def _save(fig, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def figure_1(methods: dict, path: Path) -> None:
+def figure_1(runs: list, path: Path) -> None:
+    """``runs``: Experiment 1's ``methods`` of every seed."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = np.arange(1, len(methods["baseline"]["lr"]) + 1)
-    lr = np.array(methods["baseline"]["lr"])
-    left.plot(epochs, lr, color="black")
-    left.set(xlabel="epoch", ylabel="learning rate", title="Cosine learning rate")
+    note = _seeds_note(len(runs))
+    lr, _, _ = mean_and_band([methods["baseline"]["lr"] for methods in runs])
+    epochs = np.arange(1, len(lr) + 1)
+    _curve(left, epochs, [methods["baseline"]["lr"] for methods in runs], "black", None)
+    left.set(xlabel="epoch", ylabel="learning rate", title="Cosine learning rate" + note)
     mu_c = 1 - 2 * np.sqrt(lr)
     right.fill_between(epochs, mu_c, 1.0, color=REGIME_COLORS["underdamped"], alpha=0.12,
                        label="underdamped (mu > mu_c)")
@@ -52,20 +88,23 @@ def figure_1(methods: dict, path: Path) -> None:
                        alpha=0.12, label="overdamped (mu < mu_c)")  # fmt: skip
     right.plot(epochs, mu_c, "--", color="gray", label="mu_c = 1 - 2 sqrt(lr)")
     for name in ("baseline", "1cycle", "physics"):
-        right.plot(epochs, methods[name]["mu"], color=COLORS[name], label=name)
-    right.set(xlabel="epoch", ylabel="momentum", title="Momentum", ylim=(min(mu_c.min(), 0.3), 1))
+        _curve(right, epochs, [methods[name]["mu"] for methods in runs], COLORS[name], name)
+    right.set(xlabel="epoch", ylabel="momentum", title="Momentum" + note,
+              ylim=(min(mu_c.min(), 0.3), 1))  # fmt: skip
     right.legend(fontsize=7)
     _save(fig, path)
 
 
-def figure_2(methods: dict, thresholds, path: Path) -> None:
+def figure_2(runs: list, thresholds, path: Path) -> None:
+    """``runs``: every trained method's summary, one dict per seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, summary in methods.items():
-        accuracy = summary["test_accuracy"]
-        ax.plot(range(1, len(accuracy) + 1), accuracy, color=COLORS.get(name), label=name)
+    for name in runs[0]:
+        curves = [methods[name]["test_accuracy"] for methods in runs]
+        _curve(ax, range(1, len(curves[0]) + 1), curves, COLORS.get(name), name)
     for threshold in thresholds:
         ax.axhline(threshold, color="gray", lw=0.5, ls=":")
-    ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy during training")
+    ax.set(xlabel="epoch", ylabel="test accuracy",
+           title="Test accuracy during training" + _seeds_note(len(runs)))  # fmt: skip
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -73,16 +112,24 @@ def figure_2(methods: dict, thresholds, path: Path) -> None:
 MOMENTUM_METHODS = ("baseline", "1cycle", "physics", "hybrid-mid", "hybrid-epoch")
 
 
-def figure_3(methods: dict, path: Path) -> None:
+def figure_3(runs: list, path: Path) -> None:
+    """``runs``: every trained method's summary, one dict per seed; a strip per seed."""
     # SGD-momentum methods only: Adam's beta1 is not the heavy-ball momentum of the oscillator.
-    names = [n for n in MOMENTUM_METHODS if n in methods]
+    names = [n for n in MOMENTUM_METHODS if n in runs[0]]
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.5 * len(names)))
     order = list(REGIME_COLORS)
+    height = 0.8 / len(runs)  # the row's 0.8, one strip per seed (bottom: the first seed)
+    strip = height if len(runs) == 1 else 0.85 * height  # with a gap between seeds
     for row, name in enumerate(names):
-        for epoch, regime in enumerate(methods[name]["regime_per_epoch"], start=1):
-            ax.barh(row, 1, left=epoch - 0.5, color=REGIME_COLORS[regime], edgecolor="none")
+        for k, methods in enumerate(runs):
+            center = row - 0.4 + height * (k + 0.5)
+            for epoch, regime in enumerate(methods[name]["regime_per_epoch"], start=1):
+                ax.barh(center, 1, height=strip, left=epoch - 0.5, color=REGIME_COLORS[regime],
+                        edgecolor="none")  # fmt: skip
     ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel="epoch", title="Damping regime (red under-, green critically, blue overdamped)")
+    seeds = "" if len(runs) == 1 else f"; one strip per seed, {len(runs)} seeds"
+    ax.set(xlabel="epoch",
+           title=f"Damping regime (red under-, green critically, blue overdamped{seeds})")
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGIME_COLORS[r]) for r in order]
     ax.legend(handles, order, fontsize=7, loc="upper right", bbox_to_anchor=(1, -0.25), ncol=3)
     _save(fig, path)
@@ -124,14 +171,51 @@ def corrections_figure(corrections: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def write_figures(results: dict, preset, directory: Path) -> dict:
-    """All figures for one seed's ``results``; returns {file name: caption}."""
+def per_class_figure(corrections: list, classes, path: Path) -> None:
+    """Grouped bars: each class's accuracy before and after correction A (one dict per seed)."""
+    before = mean_and_band([c["per_class_before"] for c in corrections])
+    after = mean_and_band([c["per_class_after"] for c in corrections])
+    x = np.arange(len(before[0]))
+    names = list(classes) if classes is not None and len(classes) == len(x) else x.tolist()
+    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(x)), 4))
+    for offset, (mean, low, high), label, color in (
+        (-0.2, before, "before", "tab:blue"), (0.2, after, "after", "tab:green"),
+    ):  # fmt: skip
+        errors = np.array([mean - low, high - mean]) if len(corrections) > 1 else None
+        ax.bar(x + offset, mean, 0.4, yerr=errors, capsize=2, label=label, color=color)
+    ax.set_xticks(x, [str(n) for n in names], rotation=30, ha="right", fontsize=8)
+    seeds = "" if len(corrections) == 1 else f" (mean of {len(corrections)} seeds, bars: min-max)"
+    layers = ", ".join(corrections[0]["layers"]) or "mask"
+    ax.set(ylabel="test accuracy of the class", ylim=(0, 1.05),
+           title=f"Per-class accuracy, correction A ({layers}){seeds}")  # fmt: skip
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    _save(fig, path)
+
+
+def write_figures(per_seed: dict, preset, directory: Path, classes=None) -> dict:
+    """All figures for ``per_seed`` ({seed: results}, in seed order); {file name: caption}.
+
+    ``classes``: the class names for the per-class figure (else class indices). The figure is
+    left out when correction A's results hold no per-class accuracies (a correction cached
+    by an older version and resumed).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    e1, e2, e3, e4 = (results[f"experiment_{i}"] for i in range(1, 5))
-    every_method = {**e3["trainings"], **e4["methods"]}
-    figure_1(e1["methods"], directory / "fig1_lr_momentum.png")
+    seeds = list(per_seed)
+    runs = [per_seed[s] for s in seeds]
+    every_method = [{**r["experiment_3"]["trainings"], **r["experiment_4"]["methods"]}
+                    for r in runs]  # fmt: skip
+    first = runs[0]
+    figure_1([r["experiment_1"]["methods"] for r in runs], directory / "fig1_lr_momentum.png")
     figure_2(every_method, preset.thresholds, directory / "fig2_test_accuracy.png")
     figure_3(every_method, directory / "fig3_regimes.png")
-    grad_norm_figure(e2["localization"], directory / "grad_norms.png")
-    corrections_figure(e3["corrections"], directory / "corrections.png")
-    return dict(CAPTIONS)
+    grad_norm_figure(first["experiment_2"]["localization"], directory / "grad_norms.png")
+    corrections_figure(first["experiment_3"]["corrections"], directory / "corrections.png")
+    written = ["fig1_lr_momentum.png", "fig2_test_accuracy.png", "fig3_regimes.png",
+               "grad_norms.png", "corrections.png"]  # fmt: skip
+    a = [r["experiment_3"]["corrections"]["A"] for r in runs]
+    if all("per_class_before" in c and "per_class_after" in c for c in a):
+        per_class_figure(a, classes, directory / "per_class_A.png")
+        written.append("per_class_A.png")
+    every_seed = ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+    return {name: f"{CAPTIONS[name]} ({every_seed if name in EVERY_SEED else f'seed {seeds[0]}'})"
+            for name in written}  # fmt: skip

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from presets import PRESETS  # noqa: E402
 from training import Interrupted, Settings, world  # noqa: E402
+
+import dampopt  # noqa: E402
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 3
 
@@ -183,7 +188,58 @@ def run(args) -> dict | None:
         _print_seed(seed, per_seed[seed], preset)
     if rank != 0:
         return None
-    return write_outputs(out, preset, args.seeds, per_seed, device, data, start)
+    return write_outputs(out, preset, args.seeds, per_seed, device, data, start,
+                         environment=environment(args, device, world_size))  # fmt: skip
+
+
+def environment(args, device: torch.device, world_size: int) -> dict:
+    """What produced the run: versions, the checkout's commit, threads, device and arguments."""
+    commit, dirty = git_state(HERE.parent)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dampopt": _dampopt_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "world_size": world_size,
+        "args": vars(args),
+        "argv": list(sys.argv),
+    }
+
+
+def _dampopt_version() -> str | None:
+    version = getattr(dampopt, "__version__", None)
+    if version is not None:
+        return str(version)
+    try:
+        return importlib.metadata.version("dampopt")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(directory: Path) -> tuple[str | None, bool | None]:
+    """``(HEAD commit, uncommitted changes?)`` of the repository at ``directory``.
+
+    ``(None, None)`` when git is missing or ``directory`` is not in a repository: recording the
+    environment never fails a run.
+    """
+
+    def git(*command):
+        try:
+            result = subprocess.run(["git", *command], cwd=directory, capture_output=True,
+                                    text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout if result.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if not head or not head.strip():
+        return None, None
+    # --no-optional-locks: a status must not take index.lock from someone working in the tree.
+    status = git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+    return head.strip(), None if status is None else bool(status.strip())
 
 
 def _log_dir(out: Path, seed: int) -> Path:
@@ -192,13 +248,15 @@ def _log_dir(out: Path, seed: int) -> Path:
     return path
 
 
-def write_outputs(out, preset, seeds, per_seed, device, data, start) -> dict:
-    first = per_seed[seeds[0]]
-    captions = figures.write_figures(first, preset, out / "figures")
+def write_outputs(out, preset, seeds, per_seed, device, data, start, environment) -> dict:
+    captions = figures.write_figures({s: per_seed[s] for s in seeds}, preset, out / "figures",
+                                     classes=data.classes)  # fmt: skip
     summary = {
         "preset": preset.to_dict(),
         "seeds": list(seeds),
         "device": str(device),
+        "environment": environment,
+        "classes": list(data.classes),
         "data": f"{data.source} ({len(data.train_labels)} train / {len(data.test_labels)} test, "
                 f"{data.image_size}x{data.image_size})",
         "output": str(out),

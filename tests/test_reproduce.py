@@ -8,24 +8,37 @@ exactly the same numbers.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "reference" / "reproduce_paper.py"
 sys.path.insert(0, str(ROOT / "reference"))
 
-from data import read_idx, write_idx  # noqa: E402
+from data import (  # noqa: E402
+    AUGMENT_STREAM,
+    FASHION_MNIST_CLASSES,
+    ORDER_STREAM,
+    TensorLoader,
+    epoch_seed,
+    read_idx,
+    write_idx,
+)
+from presets import PRESETS  # noqa: E402
 
 TABLES = [str(i) for i in range(3, 15)]
 FIGURES = ["fig1_lr_momentum.png", "fig2_test_accuracy.png", "fig3_regimes.png",
-           "grad_norms.png", "corrections.png"]  # fmt: skip
+           "grad_norms.png", "corrections.png", "per_class_A.png"]  # fmt: skip
 METHODS = ["baseline", "1cycle", "physics", "ikfad", "cd", "adam", "hybrid-mid", "hybrid-epoch"]
 SMOKE_EPOCHS = 3
 TIMING_WORDS = ("seconds", "saving", "wall")  # measured, so not reproducible run to run
@@ -102,6 +115,37 @@ def test_every_table_figure_and_log_is_written(smoke_run):
     for name in ("report.md", "results.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
     assert not list(out.glob("*.tmp"))
+
+
+# -- batch order --------------------------------------------------------------------------------
+
+
+def _order(seed, epoch, n=64, batch_size=16, **sharding):
+    """The example indices a training loader yields in epoch ``epoch`` of the run ``seed``."""
+    loader = TensorLoader(torch.zeros(n, 1, 4, 4), torch.arange(n), batch_size, train=True,
+                          seed=seed, crop_padding=1, **sharding)  # fmt: skip
+    loader.epoch = epoch
+    return tuple(torch.cat([labels for _, labels in loader]).tolist())
+
+
+def test_batch_order_is_new_for_every_seed_and_epoch():
+    orders = {(seed, epoch): _order(seed, epoch) for seed in range(40, 46) for epoch in range(5)}
+    # DistributedSampler's seed + epoch made seed 42 epoch 1 the order of seed 43 epoch 0
+    assert orders[(42, 1)] != orders[(43, 0)]
+    assert len(set(orders.values())) == len(orders)
+    # a function of (seed, epoch) alone, as --resume needs: a fresh loader repeats it
+    assert _order(43, 2) == orders[(43, 2)]
+    # the crop and flip generator too: no two (seed, epoch) of small runs share its seed
+    for stream in (ORDER_STREAM, AUGMENT_STREAM):
+        seeds = {epoch_seed(s, e, stream) for s in range(100) for e in range(300)}
+        assert len(seeds) == 100 * 300
+        assert all(0 <= x < 2**32 for x in seeds)  # what torch's CPU generator keeps
+
+
+def test_ranks_shard_the_same_permutation():
+    # torchrun: every rank draws one process's permutation and takes every second example
+    shards = [_order(42, 1, rank=r, world_size=2) for r in (0, 1)]
+    assert [i for pair in zip(*shards) for i in pair] == list(_order(42, 1))
 
 
 # -- the numbers agree with each other ----------------------------------------------------------
@@ -188,6 +232,168 @@ def test_tables_hold_the_per_seed_results(smoke_run):
     assert [v[0]["signed"] for v in net["values"]] == [
         seed["experiment_3"]["corrections"][k]["net"] for k in "ABCDE"
     ]
+
+
+# -- claims never depend on wall time -------------------------------------------------------------
+
+
+def _correction_claim(results):
+    from report import evaluate_claims
+
+    claims = evaluate_claims(results, PRESETS["smoke"])
+    return next(c for c in claims if c["id"] == "correction")
+
+
+def test_correction_claim_is_decided_by_the_counted_saving(smoke_run):
+    results = copy.deepcopy(smoke_run[1]["per_seed"]["42"])
+    a = results["experiment_3"]["corrections"]["A"]
+    a.update(fixed=5, new=3, net=2)  # the claim's other conditions hold
+
+    def verdict(measured, counted):
+        a["saving"].update(measured_saving=measured, paper_saving=counted)
+        return _correction_claim(results)
+
+    # the two identical smoke runs that measured 75% and 83%: the same verdict
+    for counted in (0.7, 0.9):
+        slow, fast = verdict(0.75, counted), verdict(0.83, counted)
+        assert slow["held"] == fast["held"] == (counted >= 0.8)
+        assert "75%" in slow["evidence"] and "83%" in fast["evidence"]  # shown beside it
+    assert verdict(0.95, 0.79)["held"] is False
+    held = verdict(0.10, 0.80)
+    assert held["held"] is True
+    assert "80% by the epochs x groups count (this decides)" in held["evidence"]
+
+
+def _timings_redrawn(value, rng):
+    """``value`` with every wall-time number (seconds, measured fractions) drawn at random."""
+    if isinstance(value, dict):
+        return {k: rng.uniform(-1, 1e4)
+                if ("seconds" in k or k.startswith("measured")) and isinstance(v, float)
+                else _timings_redrawn(v, rng) for k, v in value.items()}  # fmt: skip
+    if isinstance(value, list):
+        return [_timings_redrawn(v, rng) for v in value]
+    return value
+
+
+def test_no_claim_depends_on_a_time(smoke_run):
+    from report import evaluate_claims
+
+    results = smoke_run[1]["per_seed"]["42"]
+    expected = [c["held"] for c in evaluate_claims(results, PRESETS["smoke"])]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        redrawn = _timings_redrawn(results, rng)
+        assert redrawn != results
+        assert [c["held"] for c in evaluate_claims(redrawn, PRESETS["smoke"])] == expected
+
+
+# -- the environment ----------------------------------------------------------------------------
+
+
+def test_results_record_the_environment(smoke_run):
+    import dampopt
+
+    _, results, _, _ = smoke_run
+    environment = results["environment"]
+    assert environment["torch"] == torch.__version__
+    assert environment["dampopt"] == dampopt.__version__
+    assert environment["python"] == platform.python_version()
+    assert environment["torch_threads"] == 1  # --threads 1
+    assert environment["device"] == results["device"]
+    assert environment["world_size"] == 1
+    args = environment["args"]
+    assert args["preset"] == "smoke" and args["seeds"] == [42] and args["threads"] == 1
+    assert args["no_download"] is True and args["resume"] is False
+    assert Path(environment["argv"][0]).name == "reproduce_paper.py"
+    assert environment["argv"][1:3] == ["--preset", "smoke"]
+    in_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True)
+    if in_git.returncode == 0:
+        assert re.fullmatch(r"[0-9a-f]{40}", environment["git_commit"])
+        assert isinstance(environment["git_dirty"], bool)
+    else:
+        assert environment["git_commit"] is None
+
+
+def test_git_state_is_none_without_a_repository_or_git(tmp_path, monkeypatch):
+    from reproduce_paper import git_state
+
+    assert git_state(tmp_path) == (None, None)  # not a repository (tmp is outside any)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
+    assert git_state(ROOT) == (None, None)
+
+
+# -- figures over several seeds -----------------------------------------------------------------
+
+
+def test_mean_and_band():
+    from figures import mean_and_band
+
+    mean, low, high = mean_and_band([[0.1, 0.5, None], [0.3, 0.9, 0.4], [0.2, 0.4, 0.6]])
+    np.testing.assert_allclose(mean, [0.2, 0.6, np.nan])
+    np.testing.assert_allclose(low, [0.1, 0.4, np.nan])
+    np.testing.assert_allclose(high, [0.3, 0.9, np.nan])
+    one = mean_and_band([[0.5, 0.7]])  # one seed: the curve itself, no width
+    for curve in one:
+        np.testing.assert_allclose(curve, [0.5, 0.7])
+    with pytest.raises(ValueError):
+        mean_and_band([[0.1, 0.2], [0.3]])
+
+
+def test_per_class_accuracy():
+    from experiments import per_class_accuracy
+
+    labels = torch.tensor([0, 0, 1, 1, 1, 3])
+    predictions = torch.tensor([0, 1, 1, 1, 0, 3])
+    assert per_class_accuracy(predictions, labels, 4) == pytest.approx([0.5, 2 / 3, None, 1.0])
+
+
+def test_per_class_accuracy_of_correction_a(smoke_run):
+    _, results, _, _ = smoke_run
+    a = results["per_seed"]["42"]["experiment_3"]["corrections"]["A"]
+    assert len(a["per_class_before"]) == len(a["per_class_after"]) == 10
+    assert results["classes"] == list(FASHION_MNIST_CLASSES)
+    for accuracy in a["per_class_before"] + a["per_class_after"]:
+        assert accuracy is None or 0 <= accuracy <= 1
+    assert a["per_class_before"] != a["per_class_after"] or a["fixed"] == a["new"] == 0
+
+
+def test_figures_of_two_seeds_show_both(smoke_run, tmp_path, monkeypatch):
+    import figures
+
+    first = smoke_run[1]["per_seed"]["42"]
+    second = copy.deepcopy(first)
+    for methods in (second["experiment_1"]["methods"], second["experiment_3"]["trainings"],
+                    second["experiment_4"]["methods"]):  # fmt: skip
+        for method in methods.values():
+            method["test_accuracy"] = [a - 0.1 for a in method["test_accuracy"]]
+    a = second["experiment_3"]["corrections"]["A"]
+    a["per_class_after"] = [None if v is None else v / 2 for v in a["per_class_after"]]
+    seen, original = [], figures.mean_and_band
+
+    def recording(curves):
+        seen.append([list(curve) for curve in curves])
+        return original(curves)
+
+    monkeypatch.setattr(figures, "mean_and_band", recording)
+    captions = figures.write_figures({42: first, 43: second}, PRESETS["smoke"], tmp_path,
+                                     classes=FASHION_MNIST_CLASSES)  # fmt: skip
+    assert sorted(captions) == sorted(FIGURES)
+    for name in FIGURES:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(seeds 42, 43)" in captions["fig2_test_accuracy.png"]
+    assert "(seed 42)" in captions["grad_norms.png"]
+    # the baseline's accuracy curve and correction A's per-class bars: a band over both seeds
+    baseline = first["experiment_3"]["trainings"]["baseline"]["test_accuracy"]
+    assert [baseline, [x - 0.1 for x in baseline]] in seen
+    assert [first["experiment_3"]["corrections"]["A"]["per_class_after"],
+            a["per_class_after"]] in seen  # fmt: skip
+
+
+def test_figures_of_one_seed_say_so(smoke_run):
+    out, results, report, _ = smoke_run
+    for caption in results["figures"].values():
+        assert caption.endswith("(seed 42)")
+    assert "Each caption says which seeds it shows." in report
 
 
 # -- resume --------------------------------------------------------------------------------------
