@@ -14,10 +14,11 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "tqdm",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
-        "reference": ["torchvision", "matplotlib", "tqdm", "scipy"],
+        "reference": ["torchvision", "matplotlib", "scipy"],
     },
 )

@@ -1,6 +1,7 @@
 """Treat: what trains, what stays bit-identical, and the paper's correction protocol."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -68,7 +69,10 @@ def test_treat_trains_only_the_chosen_layers_and_leaves_the_input_alone():
     assert (report.trainable_tensors, report.total_tensors) == (4, 10)
     assert report.trainable_elements == 4 * 4 * 9 + 4 + 4 + 4
     assert report.element_fraction == report.trainable_elements / report.total_elements
-    assert report.lr_schedule == cosine_schedule(0.05, 0.0005, 2)
+    # cosine over the 8 steps, from lr at the first step to lr_min = lr/100 exactly at the last
+    steps = [0.0005 + 0.0495 * (1 + math.cos(math.pi * t / 7)) / 2 for t in range(8)]
+    assert report.lr_schedule == pytest.approx([steps[0], steps[4]], rel=1e-12)
+    assert report.final_lr == pytest.approx(0.0005, rel=1e-12)
     assert report.momentum_schedule == [physics_momentum(lr) for lr in report.lr_schedule]
     assert report.steps == 8 and len(report.epoch_losses) == 2 and report.wall_time_s > 0
     json.dumps(report.to_dict(), allow_nan=False)
@@ -76,11 +80,40 @@ def test_treat_trains_only_the_chosen_layers_and_leaves_the_input_alone():
 
 
 def test_treat_defaults_follow_the_papers_table_16_protocol():
-    corrected, report = treat(SmallCNN(), _loader(n=8, batch_size=8), layers=["fc"])
-    assert (report.epochs, report.optimizer) == (30, "physics")
+    # 16 steps an epoch: each epoch starts where the paper's per-epoch cosine puts it
+    corrected, report = treat(SmallCNN(), _loader(n=16, batch_size=1), layers=["fc"])
+    assert (report.epochs, report.optimizer, report.steps) == (30, "physics", 480)
     at = (0, 9, 29)  # epochs 1, 10, 30
-    assert [round(report.lr_schedule[e], 5) for e in at] == [0.01, 0.00796, 0.00013]
-    assert [round(report.momentum_schedule[e], 4) for e in at] == [0.8, 0.8216, 0.9775]
+    assert [report.lr_schedule[e] for e in at] == pytest.approx([0.01, 0.00796, 0.00013],
+                                                                abs=1e-5)  # fmt: skip
+    assert [report.momentum_schedule[e] for e in at] == pytest.approx([0.8, 0.8216, 0.9775],
+                                                                      abs=2e-3)  # fmt: skip
+    assert report.final_lr == pytest.approx(1e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_short_treatments_anneal_to_lr_min(epochs):
+    seen = []
+
+    def record(params, lr):
+        optimizer = torch.optim.SGD(params, lr=lr)
+        original = optimizer.step
+
+        def step(*args, **kwargs):
+            seen.append(optimizer.param_groups[0]["lr"])
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+        return optimizer
+
+    _, report = treat(SmallCNN(), _loader(), layers=["fc"], epochs=epochs, lr=0.01,
+                      optimizer=record)  # fmt: skip
+    total = 4 * epochs
+    expected = [1e-4 + (0.01 - 1e-4) * (1 + math.cos(math.pi * t / (total - 1))) / 2
+                for t in range(total)]  # fmt: skip
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[0] == pytest.approx(0.01) and seen[-1] == pytest.approx(1e-4)
+    assert report.final_lr == pytest.approx(1e-4) and report.steps == total
 
 
 @pytest.mark.parametrize("key_by_name", [False, True])

@@ -195,9 +195,10 @@ def test_localize_on_two_ranks_equals_one_rank(sharded_diagnostics, run):
     # Summed gradients are all-reduced before the norm: equal up to summation order.
     assert rank0["norms"] == _approx_dict(expected["norms"])
     assert rank0["grad_norms"] == _approx_dict(expected["grad_norms"])
-    # Not compared: specificity and correct_sample_size. The correct sample is "the first as
-    # many correct examples as each batch has errors", so it depends on how batches are cut,
-    # which sharding changes (as a different batch size would in one process).
+    # Not compared: specificity, intervals, p-values and correct_sample_size. They come from
+    # cells cut within each rank's batches, so they depend on how batches are cut, which
+    # sharding changes (as a different batch size would in one process).
+    assert rank0["num_cells"] > 0 and set(rank0["p_values"]) == set(expected["p_values"])
 
 
 @pytest.mark.parametrize("run", EVEN_RUNS)
@@ -208,9 +209,10 @@ def test_diagnose_on_two_ranks_equals_one_rank(sharded_diagnostics, run):
     assert len(expected["pairs"]) >= 2
     assert rank0["num_errors"] == expected["num_errors"]
     for got, pair in zip(rank0["pairs"], expected["pairs"], strict=True):
-        for key in ("true", "predicted", "count", "attributed_layer"):
+        for key in ("true", "predicted", "count"):
             assert got[key] == pair[key], key
         assert got["grad_norms"] == _approx_dict(pair["grad_norms"])
+        # attributed_layer is not compared: it comes from cells, which depend on batching
 
 
 # "odd": 25 examples on 2 ranks. DistributedSampler pads rank 1's shard by repeating index 0;

@@ -1,16 +1,21 @@
 """The paper's Scan -> Localize -> Diagnose -> Treat -> Verify pipeline, for any classifier.
 
 1. Scan: :func:`scan_schedule`, :class:`RegimeMonitor` - damping regime of every epoch.
-2. Localize: :func:`localize` - layer groups pulled hardest by the misclassified examples.
-3. Diagnose: :func:`diagnose` - most frequent confusion pairs, each with its layer group.
-4. Treat: :func:`treat` (with :func:`friction_mask`) - retrain only those groups, on a copy.
-5. Verify: :func:`verify`, :func:`compute_saving` - fixed/new errors, exact McNemar p-value.
+2. Localize: :func:`localize` - layer groups the failures pull on, each with a 95% interval and
+   a p-value against "no more than other examples do"; ``rule="significant"`` (Holm).
+3. Diagnose: :func:`diagnose` - most frequent confusion pairs, each with its layer group, or
+   "not distinguishable".
+4. Treat: :func:`treat` (with :func:`friction_mask`) - retrain only those groups, on a copy;
+   :func:`treat_controls` - the same budget on unflagged, random, all and largest groups.
+5. Verify: :func:`verify`, :func:`compare_treatments`, :func:`compute_saving` - fixed/new errors
+   and exact McNemar p-values, on examples the localization did not see (:func:`split_halves`).
 
 Compare: :func:`compare_layers`, :func:`compare_errors`. Every result is a dataclass with
 ``to_dict()`` (JSON-ready) and ``to_markdown()``; nothing here prints, plots or downloads.
 """
 
 from .compare import ErrorComparison, LayerComparison, compare_errors, compare_layers
+from .controls import ARMS, ArmResult, ControlledTreatment, split_halves, treat_controls
 from .diagnose import ConfusionPair, Diagnosis, confusion_pairs, diagnose, pair_gradients
 from .groups import layer_groups, resolve_groups
 from .localize import (
@@ -26,7 +31,9 @@ from .scan import RegimeMonitor, ScanReport, ScanRow, cosine_schedule, scan_sche
 from .treat import OPTIMIZERS, TreatReport, friction_mask, treat
 from .verify import (
     ComputeSaving,
+    TreatmentComparison,
     Verification,
+    compare_treatments,
     compute_saving,
     mcnemar_exact,
     predict,
@@ -34,7 +41,10 @@ from .verify import (
 )
 
 __all__ = [
+    "ARMS",
+    "ArmResult",
     "CRITERIA",
+    "ControlledTreatment",
     "OPTIMIZERS",
     "RULES",
     "ComputeSaving",
@@ -48,9 +58,11 @@ __all__ = [
     "ScanReport",
     "ScanRow",
     "TreatReport",
+    "TreatmentComparison",
     "Verification",
     "compare_errors",
     "compare_layers",
+    "compare_treatments",
     "compute_saving",
     "confusion_pairs",
     "cosine_schedule",
@@ -65,6 +77,8 @@ __all__ = [
     "resolve_groups",
     "scan_schedule",
     "select_problem_layers",
+    "split_halves",
     "treat",
+    "treat_controls",
     "verify",
 ]

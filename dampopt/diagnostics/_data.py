@@ -201,3 +201,11 @@ def gradients(loss: torch.Tensor, params, retain_graph: bool = False) -> list:
         torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
         for p, g in zip(params, grads)
     ]
+
+
+def sum_gradients(model: nn.Module, inputs, labels: torch.Tensor, rows: torch.Tensor, params):
+    """fp32 gradients w.r.t. ``params`` of the summed cross-entropy over rows ``rows``."""
+    import torch.nn.functional as F
+
+    logits = logits_of(model, select(inputs, rows)).float()
+    return gradients(F.cross_entropy(logits, labels[rows], reduction="sum"), params)

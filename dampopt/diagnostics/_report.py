@@ -55,6 +55,16 @@ def format_value(value) -> str:
     return str(value)
 
 
+def format_interval(value, interval) -> str:
+    """``"value [low, high]"``; just the value without an interval; an em dash without a value."""
+    if value is None:
+        return "—"
+    if interval is None:
+        return format_value(float(value))
+    low, high = interval
+    return f"{format_value(float(value))} [{format_value(float(low))}, {format_value(float(high))}]"
+
+
 def markdown_table(headers, rows) -> str:
     """A GitHub-flavoured Markdown table; cells go through :func:`format_value`."""
     lines = [

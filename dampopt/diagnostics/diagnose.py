@@ -1,8 +1,15 @@
-"""Step 3, Diagnose: which confusions the errors are, and which flagged group each one loads.
+"""Step 3, Diagnose: which confusions the errors are, and which group each one loads, if any.
 
 The paper's Table 9: the most frequent (true, predicted) pairs among the misclassified examples,
 each attributed to the flagged layer group whose gradient of the mean loss on *that pair's*
-errors has the largest L2 norm. The feature interpretation ("texture", "shape") is the reader's.
+errors has the largest L2 norm. That norm follows group size, so here a pair is attributed with
+the size-free statistic of :func:`localize` (``criterion="specificity"``): per cell, a few of
+the pair's errors and as many correctly classified examples of the same batch, the ratio of
+each group's gradient norm on the errors to its norm on the correct examples, over the
+geometric mean of that ratio across groups; the geometric mean over cells, with a 95%
+bootstrap interval. When the intervals of the two leading candidate
+groups overlap, the pair is "not distinguishable" and no group is named. The feature
+interpretation ("texture", "shape") is the reader's.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._distributed import all_reduce_sum_
-from . import _data
-from ._report import Report, markdown_table
+from .._distributed import all_gather_objects, all_reduce_sum_, is_distributed
+from . import _data, _stats
+from ._report import Report, format_interval, markdown_table
+from ._surgery import progress_bar
 from .groups import resolve_groups
 from .localize import Localization
 
@@ -29,8 +37,13 @@ class ConfusionPair(Report):
     count: int  # errors of this pair found in the diagnose pass
     true_name: str
     predicted_name: str
-    attributed_layer: str | None  # None when the pair had no error in the pass
-    grad_norms: dict  # {group: ||gradient of the mean loss on this pair's errors||_2}
+    attributed_layer: str | None  # None: no error in the pass, or not distinguishable
+    grad_norms: dict  # {candidate: ||gradient of the mean loss on this pair's errors||_2}
+    specificity: dict  # {candidate: size-free ratio (geometric mean over cells) or None}
+    intervals: dict  # {candidate: 95% bootstrap interval or None}
+    distinguishable: bool  # the leading candidate's interval is clear of the runner-up's
+    leading: list  # the (up to) two candidates with the largest specificity
+    cells: int
 
 
 @dataclass
@@ -41,10 +54,21 @@ class Diagnosis(Report):
     message: str
 
     def to_markdown(self) -> str:
+        rows = []
+        for p in self.pairs:
+            layer = p.attributed_layer
+            if layer is None and p.count:
+                layer = "not distinguishable"
+            evidence = "; ".join(
+                f"{name} {format_interval(p.specificity.get(name), p.intervals.get(name))}"
+                for name in p.leading
+            )
+            rows.append((p.true_name, p.predicted_name, p.count, layer, evidence or None, p.cells))
         table = markdown_table(
-            ["True", "Predicted", "Count", "Attributed layer"],
-            [(p.true_name, p.predicted_name, p.count, p.attributed_layer) for p in self.pairs],
-        )
+            ["True", "Predicted", "Count", "Attributed layer",
+             "specificity [95% interval], leading two", "cells"],
+            rows,
+        )  # fmt: skip
         return f"{self.message}\n\n{table}"
 
 
@@ -62,25 +86,36 @@ def diagnose(
     top: int = 7,
     class_names=None,
     device=None,
+    *,
+    blocks: int = 32,
+    seed: int = 0,
+    progress: bool | None = None,
 ) -> Diagnosis:
-    """Most frequent confusion pairs of ``localization``'s errors, each with its layer.
+    """Most frequent confusion pairs of ``localization``'s errors, each with its layer if clear.
 
     The pairs are chosen from the errors ``localization`` found; one pass over ``loader`` then
-    sums, per pair, the loss gradients on that pair's errors w.r.t. the flagged groups (all
-    groups when none was flagged). Pass the loader that was localized. Sums and counts are
-    all-reduced under torch.distributed.
+    cuts, per pair, cells of the pair's errors and as many correctly classified examples of the
+    same batch (``ceil(blocks / len(loader))`` cells per batch at most) and computes every
+    group's specificity (see the module docstring). The candidates are the flagged groups (all
+    groups when none was flagged); the centring is over all of ``localization``'s groups. Pass
+    the loader that was localized. Sums and counts are all-reduced under torch.distributed;
+    the cells depend on batching.
 
     Args:
         class_names: optional names indexed by class; defaults to the class numbers.
+        blocks, seed: as for :func:`localize`.
     """
     model = _data.unwrap(model)
     if not isinstance(localization, Localization):
         raise TypeError(f"localization must be a Localization, got {type(localization).__name__}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be an int >= 1, got {top!r}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
     names = _check_class_names(class_names, localization)
     candidates = list(localization.problem_layers) or list(localization.ranking)
-    groups = _candidate_groups(model, localization, candidates)
+    everything = list(localization.ranking)
+    groups = _candidate_groups(model, localization, everything)
     chosen = confusion_pairs(localization.error_labels, localization.error_predictions, top)
     if not chosen:
         return Diagnosis(
@@ -90,24 +125,112 @@ def diagnose(
             "no misclassified examples: no confusion to diagnose",
         )
 
-    params = [p for name in candidates for p in groups[name]]
+    params, group_rows, seen = [], [], {}
+    for name in everything:
+        rows = []
+        for p in groups[name]:
+            if id(p) not in seen:
+                seen[id(p)] = len(params)
+                params.append(p)
+            rows.append(seen[id(p)])
+        group_rows.append(rows)
+    candidate_rows = [group_rows[everything.index(name)] for name in candidates]
     pairs_only = [pair for pair, _ in chosen]
-    sums, counts = pair_gradients(model, loader, pairs_only, params, device)
+    cells = _pair_cells(model, loader, pairs_only, params, group_rows, blocks, seed, device,
+                        progress)  # fmt: skip
     pairs = []
-    for (t, p), pair_sums, count in zip(pairs_only, sums, counts):
-        norms, offset = {}, 0
-        for name in candidates:
-            block = pair_sums[offset : offset + len(groups[name])]
-            offset += len(groups[name])
-            norms[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in block))
+    for (t, p), (sums, count, d) in zip(pairs_only, cells):
+        norms = {}
+        for name, rows in zip(candidates, candidate_rows):
+            norms[name] = math.sqrt(sum(float(sums[i].double().pow(2).sum()) for i in rows))
             norms[name] /= max(count, 1)
-        layer = max(candidates, key=lambda name: norms[name]) if count else None
-        pairs.append(ConfusionPair(t, p, count, names(t), names(p), layer, norms))
+        values, intervals, _ = _stats.effect_summary(d, everything, seed, ratio=True)
+        values = {name: values[name] for name in candidates}
+        intervals = {name: intervals[name] for name in candidates}
+        ranked = sorted((name for name in candidates if values[name] is not None),
+                        key=lambda name: values[name], reverse=True)  # fmt: skip
+        leading = ranked[:2]
+        clear = _distinguishable(leading, intervals, len(candidates))
+        layer = leading[0] if count and clear else None
+        pairs.append(ConfusionPair(t, p, count, names(t), names(p), layer, norms, values,
+                                   intervals, clear, leading, len(d)))  # fmt: skip
+    unclear = sum(1 for pair in pairs if pair.count and not pair.distinguishable)
     message = (
         f"top {len(pairs)} confusion pairs of {localization.num_errors} errors, attributed among "
-        f"{', '.join(candidates)}"
+        f"{', '.join(candidates)} by specificity; {unclear} not distinguishable (the two leading "
+        "groups' 95% intervals overlap)"
     )
     return Diagnosis(pairs, candidates, localization.num_errors, message)
+
+
+def _distinguishable(leading, intervals, num_candidates) -> bool:
+    if num_candidates == 1:
+        return len(leading) == 1
+    if len(leading) < 2:
+        return False
+    first, second = intervals[leading[0]], intervals[leading[1]]
+    if first is None or second is None:
+        return False
+    return first[0] > second[1] * (1 + 1e-9)  # equal up to rounding is not clear
+
+
+def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, progress):
+    """Per pair: (summed loss gradients on its errors, error count, d[cells, groups])."""
+    device = _data.model_device(model, device)
+    order = _data.loader_order(loader)
+    try:
+        cells_per_batch = max(1, math.ceil(blocks / len(loader)))
+    except TypeError:
+        cells_per_batch = 1
+    generator = torch.Generator().manual_seed(seed)
+    pair_index = {pair: i for i, pair in enumerate(pairs)}
+    sums = [[torch.zeros_like(p, dtype=torch.float32) for p in params] for _ in pairs]
+    counts = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+    cell_f = [[] for _ in pairs]
+    cell_r = [[] for _ in pairs]
+    offset = 0
+    with _data.evaluation(model, params):
+        for batch in progress_bar(loader, progress, "diagnose"):
+            inputs, labels, preds = _data.classify_batch(model, batch, device)
+            valid = order.valid(offset, len(labels), device)
+            offset += len(labels)
+            real = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
+            right = ((preds == labels) & real).nonzero().flatten()
+            right = right[torch.randperm(len(right), generator=generator).to(device)]
+            for (t, p), index in pair_index.items():
+                rows = ((labels == t) & (preds == p) & real).nonzero().flatten()
+                if len(rows) == 0:
+                    continue
+                rows = rows[torch.randperm(len(rows), generator=generator).to(device)]
+                counts[index] += len(rows)
+                paired = min(len(rows), len(right))
+                start = 0
+                for size in _stats.split_evenly(paired, cells_per_batch) if paired else []:
+                    refs = right[torch.randperm(len(right), generator=generator)[:size].to(device)]
+                    for chosen, store, add in ((rows[start:start + size], cell_f, True),
+                                               (refs, cell_r, False)):  # fmt: skip
+                        grads = _data.sum_gradients(model, inputs, labels, chosen, params)
+                        if add:
+                            for total, grad in zip(sums[index], grads):
+                                total.add_(grad)
+                        store[index].append(_stats.group_norms(grads, group_rows, size))
+                    start += size
+                if len(rows) > paired:
+                    grads = _data.sum_gradients(model, inputs, labels, rows[paired:], params)
+                    for total, grad in zip(sums[index], grads):
+                        total.add_(grad)
+    for tensor in [t for pair_sums in sums for t in pair_sums]:
+        all_reduce_sum_(tensor)
+    all_reduce_sum_(counts)
+    out = []
+    for index in range(len(pairs)):
+        f = torch.stack(cell_f[index]).cpu() if cell_f[index] else torch.zeros(0, len(group_rows))
+        r = torch.stack(cell_r[index]).cpu() if cell_r[index] else torch.zeros(0, len(group_rows))
+        if is_distributed():
+            parts = all_gather_objects((f, r))
+            f, r = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        out.append((sums[index], int(counts[index]), _stats.share_log_ratio(f, r)))
+    return out
 
 
 def pair_gradients(model, loader, pairs, params, device=None):

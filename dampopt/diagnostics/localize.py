@@ -1,13 +1,25 @@
-"""Step 2, Localize: which layer groups are confused by the errors (the paper, Sec. 5.3).
+"""Step 2, Localize: which layer groups the failures pull on (the paper, Sec. 5.3), and how sure.
 
 The paper's signal: the gradient of the mean cross-entropy over the misclassified examples
 *only*, model in eval mode, its L2 norm per layer group; groups above the median are the
-"problem layers". Other criteria rank by the same error gradient scaled differently, or by the
-friction an iKFAD optimizer accumulated (the paper's Method B).
+"problem layers". That norm grows with a group's size and with the failures' loss, so on its
+own it says "big layers, large loss" as much as "layers specific to the errors". Hence:
 
-Distributed: each rank sums losses over its own errors, and the summed gradients and the counts
-are all-reduced before any norm is taken, so with a DistributedSampler every rank gets the
-single-process answer (up to the examples DistributedSampler repeats to even out the shards).
+- ``criterion="specificity"`` cancels both: per *cell* (a few failures and as many other
+  examples from the same batch), the ratio of each group's gradient norm on the failures to
+  its norm on the other examples, over the geometric mean of that ratio across groups; the
+  geometric mean over cells.
+- ``criterion="probe"`` measures what a user wants to know: how much a short, fixed training
+  budget on that group alone lowers the loss on the failures (and, beside it, on the others).
+- For every criterion, an interval and a one-sided p-value per group against the null "the
+  failures pull on this group no more than other examples do", from the same pass (exact
+  sign-flip test over cells, see :mod:`._stats`), and ``rule="significant"`` (Holm-corrected).
+
+Distributed: each rank sums losses over its own failures, and the summed gradients and the
+counts are all-reduced before any norm is taken, so with a DistributedSampler every rank gets
+the single-process norms (up to the examples DistributedSampler repeats to even out the
+shards). Cells are cut within each rank's batches, so specificity, intervals and p-values
+depend on batching (as they would on a different batch size in one process).
 """
 
 from __future__ import annotations
@@ -18,33 +30,45 @@ from itertools import pairwise
 from statistics import median
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._distributed import all_reduce_sum_
-from . import _data
-from ._report import PRIVATE, Report, markdown_table
+from .._distributed import all_gather_objects, all_reduce_sum_, is_distributed
+from . import _data, _stats
+from ._report import PRIVATE, Report, format_interval, markdown_table
+from ._surgery import progress_bar
 from .groups import parameter_names, resolve_groups
 
-CRITERIA = ("grad_norm", "relative", "rms", "friction")
-RULES = ("median", "topk", "gap")
+CRITERIA = ("grad_norm", "relative", "rms", "friction", "specificity", "probe")
+RULES = ("median", "topk", "gap", "significant")
+GRADIENT_CRITERIA = ("grad_norm", "relative", "rms", "specificity")
 
 
-def select_problem_layers(values: dict, rule: str = "median", k: int = 3) -> list:
+def select_problem_layers(
+    values: dict, rule: str = "median", k: int = 3, p_values: dict | None = None,
+    alpha: float = 0.05,
+) -> list:  # fmt: skip
     """Names of the flagged groups, largest value first.
 
     Rules: "median" flags values strictly above the median of all values (the paper's rule:
     3 of 7 ResNet-18 groups); "topk" the ``k`` largest; "gap" everything before the largest
-    drop between consecutive values sorted in decreasing order. Nothing is flagged when every
-    value is 0 (e.g. no misclassified example).
+    drop between consecutive values sorted in decreasing order; "significant" the groups whose
+    (already multiplicity-adjusted) ``p_values`` are below ``alpha``. Nothing is flagged when
+    every value is 0 (e.g. no misclassified example).
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
     ranking = sorted(values, key=lambda name: values[name], reverse=True)
     if not ranking or all(values[name] == 0 for name in ranking):
         return []
+    if rule == "significant":
+        if p_values is None:
+            raise ValueError("rule='significant' needs p_values")
+        return [name for name in ranking if p_values.get(name) is not None
+                and p_values[name] < alpha]  # fmt: skip
     if rule == "median":
         middle = median(values.values())
         return [name for name in ranking if values[name] > middle]
@@ -58,12 +82,20 @@ def select_problem_layers(values: dict, rule: str = "median", k: int = 3) -> lis
 
 @dataclass
 class ErrorGradients:
-    """What one pass over a loader collects: summed gradients on errors and on a correct sample.
+    """What one pass over a loader collects: summed gradients on failures and on references.
 
-    ``error_sums[i]`` is the gradient of the *sum* of cross-entropies over all misclassified
-    examples w.r.t. ``params[i]`` (all-reduced over ranks); ``correct_sums`` the same over the
-    correctly classified sample (in each batch, the first as many correct examples as that batch
-    has errors). Divide by the counts for gradients of means.
+    ``error_sums[i]`` is the gradient of the *sum* of cross-entropies over all failures (by
+    default the misclassified examples) w.r.t. ``params[i]`` (all-reduced over ranks);
+    ``correct_sums`` the same over the reference sample (examples that are not failures, as
+    many per batch as the batch has failures, at most all of them). Divide by the counts for
+    gradients of means.
+
+    The cells: ``cell_failure_norms[c, j]`` (``cell_reference_norms``) is the L2 norm over
+    group ``j``'s parameters of the gradient of the mean loss on cell ``c``'s failures (its
+    references); ``cell_failure_indices[c]`` / ``cell_reference_indices[c]`` say which
+    examples (dataset indices or positions, as ``index_kind``). ``examples``: with
+    ``keep_examples``, ``(kind, cell, inputs, labels)`` chunks of the failures ("failure", cell
+    -1 for failures not paired in a cell) and references, for the probe.
     """
 
     params: list = field(metadata=PRIVATE)
@@ -76,10 +108,26 @@ class ErrorGradients:
     error_labels: list
     error_predictions: list
     index_kind: str  # "dataset" or "position"
+    cell_failure_norms: torch.Tensor = field(default=None, metadata=PRIVATE)
+    cell_reference_norms: torch.Tensor = field(default=None, metadata=PRIVATE)
+    cell_failure_indices: list = field(default_factory=list)
+    cell_reference_indices: list = field(default_factory=list)
+    examples: list = field(default_factory=list, metadata=PRIVATE)
 
 
-def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradients:
-    """One pass over ``loader``: find the errors and sum their loss gradients w.r.t. ``params``.
+def error_gradients(
+    model: nn.Module, loader, params, device=None, *, group_rows=None, failures=None,
+    blocks: int = 32, seed: int = 0, keep_examples: bool = False, progress=None,
+) -> ErrorGradients:  # fmt: skip
+    """One pass over ``loader``: find the failures and sum their loss gradients w.r.t. ``params``.
+
+    Args:
+        group_rows: per group, the positions in ``params`` of its parameters (default: one
+            group of all); the cell norms are per group.
+        failures: see :func:`localize`.
+        blocks: about how many cells to cut (at least one per batch with a failure and a
+            reference; a cell holds at least one failure).
+        seed: draws which failures and references form each cell.
 
     Indices: dataset indices, sorted, when the loader's order is reproducible (a DataLoader with
     a SequentialSampler or DistributedSampler, ``index_kind="dataset"``); otherwise positions in
@@ -89,39 +137,70 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
     """
     device = _data.model_device(model, device)
     order = _data.loader_order(loader)
+    group_rows = [list(range(len(params)))] if group_rows is None else group_rows
+    select_failures = _FailureSelector(failures, loader, order)
+    try:
+        batches = len(loader)
+    except TypeError:
+        batches = None
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
+    cells_per_batch = max(1, math.ceil(blocks / batches)) if batches else 1
+    generator = torch.Generator().manual_seed(seed)
+
     error_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     correct_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     positions, labels_wrong, preds_wrong = [], [], []
+    cell_f, cell_r, cell_f_pos, cell_r_pos, examples = [], [], [], [], []
     offset = seen = errors = correct = 0
     with _data.evaluation(model, params):
-        for batch in loader:
-            inputs, labels, preds = _data.classify_batch(model, batch, device)
+        for batch in progress_bar(loader, progress, "localize", total=batches):
+            inputs, labels = _data.unpack(batch)
+            inputs = _data.to_device(inputs, device)
+            with torch.no_grad():
+                logits = _data.logits_of(model, inputs)
+            labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
+            is_fail = select_failures(logits, labels, offset)
             valid = order.valid(offset, len(labels), device)
-            is_wrong, is_right = preds != labels, preds == labels
+            is_ref = ~is_fail
             if valid is not None:
-                is_wrong, is_right = is_wrong & valid, is_right & valid
-            wrong = is_wrong.nonzero().flatten()
-            right = is_right.nonzero().flatten()[: len(wrong)]
-            positions += (wrong + offset).tolist()
-            labels_wrong += labels[wrong].tolist()
-            preds_wrong += preds[wrong].tolist()
+                is_fail, is_ref = is_fail & valid, is_ref & valid
+            fail = is_fail.nonzero().flatten()
+            ref = is_ref.nonzero().flatten()
+            preds = logits.argmax(dim=1)
+            positions += (fail + offset).tolist()
+            labels_wrong += labels[fail].tolist()
+            preds_wrong += preds[fail].tolist()
+            batch_offset = offset
             offset += len(labels)
             seen += len(labels) if valid is None else int(valid.sum())
-            if len(wrong) == 0:
+            if len(fail) == 0:
                 continue
-            chosen = torch.cat([wrong, right])
-            losses = F.cross_entropy(
-                _data.logits_of(model, _data.select(inputs, chosen)).float(),
-                labels[chosen],
-                reduction="none",
-            )
-            _accumulate(
-                error_sums, _data.gradients(losses[: len(wrong)].sum(), params, len(right) > 0)
-            )
-            if len(right):
-                _accumulate(correct_sums, _data.gradients(losses[len(wrong) :].sum(), params))
-            errors += len(wrong)
-            correct += len(right)
+            fail = fail[torch.randperm(len(fail), generator=generator).to(device)]
+            ref = ref[torch.randperm(len(ref), generator=generator).to(device)]
+            paired = min(len(fail), len(ref))
+            start = 0
+            for size in _stats.split_evenly(paired, cells_per_batch) if paired else []:
+                cell = len(cell_f)
+                for rows, sums, norms, where, kind in (
+                    (fail[start : start + size], error_sums, cell_f, cell_f_pos, "failure"),
+                    (ref[start : start + size], correct_sums, cell_r, cell_r_pos, "reference"),
+                ):
+                    grads = _data.sum_gradients(model, inputs, labels, rows, params)
+                    _accumulate(sums, grads)
+                    norms.append(_stats.group_norms(grads, group_rows, size))
+                    where.append((rows + batch_offset).tolist())
+                    if keep_examples:
+                        examples.append((kind, cell, _detach(inputs, rows), labels[rows]))
+                start += size
+            rest = fail[paired:]
+            if len(rest):  # failures beyond the references of their batch: sums only
+                _accumulate(error_sums, _data.sum_gradients(model, inputs, labels, rest, params))
+                if keep_examples:
+                    examples.append(("failure", -1, _detach(inputs, rest), labels[rest]))
+            errors += len(fail)
+            correct += paired
+    select_failures.finish(offset)
     for tensor in error_sums + correct_sums:
         all_reduce_sum_(tensor)
     counts = all_reduce_sum_(
@@ -130,6 +209,18 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
     index_kind, indices, labels_wrong, preds_wrong = _data.gather_in_dataset_order(
         order, positions, labels_wrong, preds_wrong
     )
+    to_index = (lambda p: int(order.indices[p])) if order.indices is not None else (lambda p: p)
+    cell_f_pos = [[to_index(p) for p in rows] for rows in cell_f_pos]
+    cell_r_pos = [[to_index(p) for p in rows] for rows in cell_r_pos]
+    groups = len(group_rows)
+    failure_norms = torch.stack(cell_f).cpu() if cell_f else torch.zeros(0, groups)
+    reference_norms = torch.stack(cell_r).cpu() if cell_r else torch.zeros(0, groups)
+    if is_distributed():  # every rank's cells, in rank order
+        parts = all_gather_objects((failure_norms, reference_norms, cell_f_pos, cell_r_pos))
+        failure_norms = torch.cat([part[0] for part in parts])
+        reference_norms = torch.cat([part[1] for part in parts])
+        cell_f_pos = [rows for part in parts for rows in part[2]]
+        cell_r_pos = [rows for part in parts for rows in part[3]]
     seen, errors, correct = (int(c) for c in counts.tolist())
     return ErrorGradients(
         params=list(params),
@@ -142,7 +233,75 @@ def error_gradients(model: nn.Module, loader, params, device=None) -> ErrorGradi
         error_labels=labels_wrong,
         error_predictions=preds_wrong,
         index_kind=index_kind,
+        cell_failure_norms=failure_norms.double(),
+        cell_reference_norms=reference_norms.double(),
+        cell_failure_indices=cell_f_pos,
+        cell_reference_indices=cell_r_pos,
+        examples=examples,
     )
+
+
+class _FailureSelector:
+    """``failures`` (None, a callable or a bool mask) as ``(logits, labels, offset) -> mask``."""
+
+    def __init__(self, failures, loader, order):
+        self.failures, self.order, self.mask = failures, order, None
+        if failures is None or callable(failures):
+            return
+        mask = failures if isinstance(failures, torch.Tensor) else torch.as_tensor(failures)
+        if mask.dtype != torch.bool or mask.dim() != 1:
+            raise ValueError(
+                "failures must be None, a callable (logits, labels) -> bool mask, or a 1-D bool "
+                f"mask over the loader's examples; got a {mask.dtype} tensor of shape "
+                f"{tuple(mask.shape)}"
+            )
+        dataset = getattr(loader, "dataset", None)
+        if order.indices is not None and dataset is not None and len(mask) != len(dataset):
+            raise ValueError(
+                f"failures mask has {len(mask)} entries but the loader's dataset has "
+                f"{len(dataset)} examples (the mask is indexed by dataset index)"
+            )
+        self.mask = mask.cpu()
+
+    def __call__(self, logits, labels, offset):
+        if self.failures is None:
+            return logits.argmax(dim=1) != labels
+        if self.mask is None:
+            chosen = self.failures(logits, labels)
+            chosen = torch.as_tensor(chosen, device=labels.device)
+            if chosen.dtype != torch.bool or chosen.shape != labels.shape:
+                raise ValueError(
+                    "failures(logits, labels) must return a bool tensor of shape "
+                    f"{tuple(labels.shape)}, got {chosen.dtype} {tuple(chosen.shape)}"
+                )
+            return chosen
+        count = len(labels)
+        if self.order.indices is not None:
+            rows = torch.tensor(self.order.indices[offset : offset + count], dtype=torch.long)
+        else:
+            if offset + count > len(self.mask):
+                raise ValueError(
+                    f"failures mask has {len(self.mask)} entries but the loader yields more "
+                    "examples (the mask is indexed by position in the loader's order)"
+                )
+            rows = torch.arange(offset, offset + count)
+        return self.mask[rows].to(labels.device)
+
+    def finish(self, seen_positions: int) -> None:
+        if self.mask is not None and self.order.indices is None and seen_positions != len(
+            self.mask
+        ):
+            raise ValueError(
+                f"failures mask has {len(self.mask)} entries but the loader yielded "
+                f"{seen_positions} examples"
+            )
+
+
+def _detach(inputs, rows):
+    chosen = _data.select(inputs, rows)
+    if isinstance(chosen, torch.Tensor):
+        return chosen.detach()
+    return chosen
 
 
 def _accumulate(sums, grads) -> None:
@@ -156,38 +315,72 @@ def _norm(tensors) -> float:
 
 @dataclass
 class Localization(Report):
-    """Result of :func:`localize`. Values per group are floats; ``specificity`` may be None."""
+    """Result of :func:`localize`.
+
+    ``norms``: the criterion's value per group. ``specificity``: the size-free statistic of
+    every gradient pass (None without failures, references or a loader). ``effects``,
+    ``intervals``, ``p_values``: the statistic the test is about (``effect`` names it; for
+    the gradient criteria the specificity, for the probe the excess loss drop), its 95%
+    bootstrap interval over cells and the one-sided sign-flip p-value; ``adjusted_p_values``
+    are Holm-corrected over the groups (what ``rule="significant"`` compares with ``alpha``).
+    """
 
     criterion: str
     rule: str
+    alpha: float
     norms: dict  # {group: value of the criterion}, in group order
     problem_layers: list  # flagged groups, largest value first
     ranking: list  # all groups, largest value first
-    grad_norms: dict  # {group: ||gradient of the mean loss on the errors||_2}, any criterion
-    specificity: dict  # {group: grad norm on errors / grad norm on the correct sample}
+    grad_norms: dict  # {group: ||gradient of the mean loss on the failures||_2}, any criterion
+    specificity: dict  # {group: size-free ratio, see localize}; None where undefined
+    effect: str  # what effects / intervals / p_values are about
+    effects: dict
+    intervals: dict  # {group: (low, high) or None}
+    p_values: dict  # {group: one-sided p or None}
+    adjusted_p_values: dict  # Holm over groups
     num_examples: int
-    num_errors: int
-    correct_sample_size: int
+    num_errors: int  # failures (by default the misclassified examples)
+    correct_sample_size: int  # references: examples that are not failures, paired in cells
+    num_cells: int
     error_indices: list
     index_kind: str  # "dataset" (dataset indices) or "position" (iteration order)
     error_labels: list
     error_predictions: list
     group_sizes: dict  # {group: number of parameter elements}
+    probe: dict | None  # {group: {failure_loss_drop, reference_loss_rise, fixed, broken}}
+    probe_cost: dict | None  # {steps per group, groups, lr, seconds (measured)}
     message: str
     groups: dict = field(default=None, repr=False, metadata=PRIVATE)  # {group: [parameters]}
+    evidence: ErrorGradients = field(default=None, repr=False, metadata=PRIVATE)
 
     def to_markdown(self) -> str:
         problems = set(self.problem_layers)
-        # the error grad norm gets its own column only when it is not already the criterion
-        extra = self.criterion != "grad_norm"
-        headers = ["Group", self.criterion] + (["grad norm on errors"] if extra else [])
+        headers = ["Group", "params", self.criterion]
+        if self.criterion != "grad_norm":
+            headers.append("grad norm on failures")
+        if self.criterion not in ("specificity",):
+            headers.append("specificity")
+        if self.probe is not None:
+            headers += ["loss rise on references", "fixed", "broken"]
+        headers += [f"{self.effect} (95% interval)", "p (one-sided)", "p (Holm)", "Status"]
         rows = []
         for name in self.ranking:
-            row = [name, self.norms[name]] + ([self.grad_norms.get(name)] if extra else [])
-            status = "Problem" if name in problems else "Normal"
-            rows.append((*row, self.specificity.get(name), status))
-        table = markdown_table([*headers, "specificity", "Status"], rows)
-        return f"{self.message}\n\n{table}"
+            row = [name, self.group_sizes[name], self.norms[name]]
+            if self.criterion != "grad_norm":
+                row.append(self.grad_norms.get(name))
+            if self.criterion not in ("specificity",):
+                row.append(self.specificity.get(name))
+            if self.probe is not None:
+                probe = self.probe[name]
+                row += [probe["reference_loss_rise"], probe["fixed"], probe["broken"]]
+            row += [
+                format_interval(self.effects.get(name), self.intervals.get(name)),
+                self.p_values.get(name),
+                self.adjusted_p_values.get(name),
+                "Problem" if name in problems else "Normal",
+            ]
+            rows.append(row)
+        return f"{self.message}\n\n{markdown_table(headers, rows)}"
 
 
 def localize(
@@ -199,28 +392,73 @@ def localize(
     device=None,
     *,
     k: int = 3,
+    alpha: float = 0.05,
     optimizer=None,
+    failures=None,
+    blocks: int = 32,
+    seed: int = 0,
+    probe_loader=None,
+    probe_steps: int = 20,
+    probe_lr: float = 0.01,
+    progress: bool | None = None,
 ) -> Localization:
-    """Rank layer groups by how much the misclassified examples pull on them.
+    """Rank layer groups by how much the failures pull on them, with an interval and a p-value.
 
     Args:
         model: a classifier returning logits; put in eval mode for the pass and restored after.
             Its parameters, ``.grad`` fields and ``requires_grad`` flags are left as they were.
         loader: yields ``(inputs, labels)``; may be None only for ``criterion="friction"``.
+            Use data the model was not trained on, and verify on other data (see
+            :func:`split_halves`): choosing layers and checking them on the same images
+            overstates the repair.
         groups: None (``layer_groups(model)``), group names, or ``{name: [parameters]}``.
-        criterion: "grad_norm" (||g||_2 of the mean loss on the errors, the paper's),
-            "relative" (||g|| / ||theta||, Auto-RGN of Lee et al. 2023), "rms" (||g|| /
-            sqrt(elements)), or "friction" (accumulated iKFAD friction per element of the
-            group, averaged over the group's elements: the paper's Method B; needs
-            ``optimizer=`` the :class:`dampopt.iKFAD` the model was trained with).
-        rule: "median", "topk" (with ``k``) or "gap"; see :func:`select_problem_layers`.
+        criterion:
+            "grad_norm": ||g||_2 of the mean loss on the failures, the paper's. Grows with the
+            group's size and the failures' loss.
+            "relative": ||g|| / ||theta|| (Auto-RGN of Lee et al. 2023); "rms": ||g|| /
+            sqrt(elements).
+            "specificity": in each cell (``c``: a few failures and as many references, i.e.
+            examples that are not failures, from one batch), with ``e_cj`` / ``r_cj`` group
+            ``j``'s gradient norm of the mean loss on the cell's failures / references,
+            ``s_cj = (e_cj / r_cj) / geomean_i(e_ci / r_ci)``: its share of the failures' pull
+            over its share of the references', shares taken against the geometric mean over
+            groups. The value is the geometric mean of ``s_cj`` over cells. A factor per group
+            (its size: ``e`` and ``r`` both grow with it) and a factor per cell (the failures'
+            larger loss) cancel exactly, so 1 means "the failures pull on this group, relative
+            to the other groups, as other examples do", and > 1 more.
+            "probe": for each group alone, on a copy, ``probe_steps`` steps of PhysicsSGD at
+            ``probe_lr`` on ``probe_loader`` (the training data; same batches for every group),
+            then the drop of the mean loss on the failures (the value), beside the rise on the
+            references (side effects) and the failures fixed / references broken. It answers
+            "which group is worth retraining" directly, at a cost of groups x ``probe_steps``
+            training steps plus one forward pass over the failures and references per group
+            (``probe_cost`` holds the measured seconds).
+            "friction": accumulated iKFAD friction per element of the group, averaged over the
+            group's elements (the paper's Method B; needs ``optimizer=`` the
+            :class:`dampopt.iKFAD` the model was trained with; with ``loader=None`` there are no
+            failures and no test).
+        rule: "median", "topk" (with ``k``), "gap" (see :func:`select_problem_layers`) or
+            "significant": the groups whose Holm-adjusted p-value is below ``alpha``.
+        failures: which examples to explain. None: the misclassified ones; a 1-D bool mask over
+            the loader's examples (by dataset index when the loader's order is reproducible,
+            else by position); or a callable ``(logits, labels) -> bool mask`` applied to each
+            batch. The references are drawn from the other examples.
+        blocks: about how many cells to cut in total (``ceil(blocks / len(loader))`` per batch,
+            each with at least one failure). With ``n`` cells the smallest attainable p-value is
+            ``2**-n`` (exact test up to 16 cells, Monte Carlo above).
+        seed: which failures and references form the cells, the bootstrap and Monte Carlo draws,
+            and the probe's batch order.
         device: where batches go (default: the device of the model's parameters).
+        progress: tqdm bars; None: when stderr is a terminal.
 
-    Specificity is a group's grad norm on the errors over its grad norm on an equal-size sample
-    of correctly classified examples; None where that sample is empty or its gradient is zero.
-    The sample is drawn per batch (each batch's first correct examples, as many as it has
-    errors) to keep to one pass, so specificity depends on how the loader batches (and shards)
-    the data; norms, counts and indices do not.
+    The test, for every criterion: in each cell ``d_cj = log s_cj`` (gradient criteria: the
+    same test for grad_norm, relative, rms and specificity), or the failures' minus the
+    references' loss
+    drop after the probe, each example's drop centred on its mean over groups (probe).
+    Exchanging a cell's failures and references negates ``d``, so under the null "the failures
+    pull on this group no more than other examples do" it is symmetric around 0 and the
+    sign-flip test of its mean is exact. Extra memory: cells x groups numbers (plus, for the
+    probe, the failure and reference inputs and one model copy at a time).
 
     Indices (``error_indices``): dataset indices when the loader's order is reproducible
     (``index_kind="dataset"``), else positions in the pass's iteration order; see
@@ -230,29 +468,42 @@ def localize(
     model = _data.unwrap(model)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    select_problem_layers({}, rule, k)  # validates rule and k before any work
+    select_problem_layers({}, rule, k, alpha=alpha)  # validates rule, k, alpha before any work
     if criterion == "friction" and not hasattr(optimizer, "friction_summary"):
         raise ValueError(
             "criterion='friction' needs optimizer= an iKFAD optimizer (friction_summary)"
         )
     if loader is None and criterion != "friction":
         raise ValueError(f"loader is required for criterion={criterion!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if criterion == "probe":
+        from .probe import check_probe_arguments
+
+        check_probe_arguments(probe_loader, probe_steps, probe_lr)
     groups = resolve_groups(model, groups)
+    names = list(groups)
     params = _unique(p for ps in groups.values() for p in ps)
     sizes = {name: sum(p.numel() for p in ps) for name, ps in groups.items()}
+    position = {id(p): i for i, p in enumerate(params)}
+    group_rows = [[position[id(p)] for p in _unique(ps)] for ps in groups.values()]
 
     if loader is not None:
-        found = error_gradients(model, loader, params, device)
+        found = error_gradients(
+            model, loader, params, device, group_rows=group_rows, failures=failures,
+            blocks=blocks, seed=seed, keep_examples=criterion == "probe", progress=progress,
+        )  # fmt: skip
     else:
-        found = _no_pass(params)
-    position = {id(p): i for i, p in enumerate(params)}
-    grad_norms, specificity = {}, {}
-    for name, ps in groups.items():
-        rows = [position[id(p)] for p in ps]
-        error_norm = _norm(found.error_sums[i] for i in rows) / max(found.num_errors, 1)
-        correct_norm = _norm(found.correct_sums[i] for i in rows) / max(found.num_correct_sample, 1)
-        grad_norms[name] = error_norm
-        specificity[name] = error_norm / correct_norm if correct_norm > 0 else None
+        found = _no_pass(params, len(names))
+    grad_norms = {}
+    for name, rows in zip(names, group_rows):
+        grad_norms[name] = _norm(found.error_sums[i] for i in rows) / max(found.num_errors, 1)
+
+    d = _stats.share_log_ratio(found.cell_failure_norms, found.cell_reference_norms)
+    specificity, spec_intervals, spec_p = _stats.effect_summary(d, names, seed, ratio=True)
+    effect = "specificity"
+    effects, intervals, p_values = specificity, spec_intervals, spec_p
+    probe = probe_cost = None
 
     if criterion == "friction":
         norms = _friction_values(model, groups, optimizer)
@@ -263,30 +514,56 @@ def localize(
         for name, ps in groups.items():
             weight = _norm(p.detach() for p in ps)
             norms[name] = grad_norms[name] / weight if weight > 0 else 0.0
-    else:  # rms
+    elif criterion == "rms":
         norms = {name: grad_norms[name] / math.sqrt(max(sizes[name], 1)) for name in groups}
+    elif criterion == "specificity":
+        norms = {name: specificity[name] or 0.0 for name in names}
+    else:
+        from .probe import probe_groups
 
-    problem_layers = select_problem_layers(norms, rule, k)
+        outcome = probe_groups(
+            model, groups, found, probe_loader, steps=probe_steps, lr=probe_lr, seed=seed,
+            device=device, progress=progress,
+        )  # fmt: skip
+        probe, probe_cost = outcome.per_group, outcome.cost
+        norms = {name: probe[name]["failure_loss_drop"] for name in names}
+        effect = "excess loss drop"
+        effects, intervals, p_values = _stats.effect_summary(
+            outcome.cell_differences, names, seed, ratio=False
+        )
+    adjusted = _stats.holm(p_values)
+    problem_layers = select_problem_layers(norms, rule, k, adjusted, alpha)
     ranking = sorted(norms, key=lambda name: norms[name], reverse=True)
-    message = _message(found, loader, criterion, problem_layers, len(groups))
+    what = "misclassified" if failures is None else "failures:"
+    message = _message(found, loader, criterion, rule, alpha, problem_layers, len(groups), what)
     return Localization(
         criterion=criterion,
         rule=rule,
+        alpha=float(alpha),
         norms=norms,
         problem_layers=problem_layers,
         ranking=ranking,
         grad_norms=grad_norms,
         specificity=specificity,
+        effect=effect,
+        effects=effects,
+        intervals=intervals,
+        p_values=p_values,
+        adjusted_p_values=adjusted,
         num_examples=found.num_examples,
         num_errors=found.num_errors,
         correct_sample_size=found.num_correct_sample,
+        num_cells=len(found.cell_failure_norms),
         error_indices=found.error_indices,
         index_kind=found.index_kind,
         error_labels=found.error_labels,
         error_predictions=found.error_predictions,
         group_sizes=sizes,
+        probe=probe,
+        probe_cost=probe_cost,
         message=message,
         groups=groups,
+        evidence=found,
     )
 
 
@@ -299,9 +576,10 @@ def _unique(params) -> list:
     return out
 
 
-def _no_pass(params) -> ErrorGradients:
+def _no_pass(params, groups: int) -> ErrorGradients:
     zeros = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    return ErrorGradients(params, zeros, zeros, 0, 0, 0, [], [], [], "position")
+    empty = torch.zeros(0, groups, dtype=torch.float64)
+    return ErrorGradients(params, zeros, zeros, 0, 0, 0, [], [], [], "position", empty, empty)
 
 
 def _friction_values(model, groups, optimizer) -> dict:
@@ -323,13 +601,19 @@ def _friction_values(model, groups, optimizer) -> dict:
     return values
 
 
-def _message(found, loader, criterion, problem_layers, num_groups) -> str:
+def _message(found, loader, criterion, rule, alpha, problem_layers, num_groups, what) -> str:
     if loader is None:
-        where = "no loader given: errors not examined"
+        where = "no loader given: failures not examined, no test"
     elif found.num_errors == 0:
-        where = f"no misclassified examples among {found.num_examples}: nothing to localize"
+        where = f"no {what} examples among {found.num_examples}: nothing to localize"
         if criterion != "friction":
             return where
     else:
-        where = f"{found.num_errors} misclassified of {found.num_examples} examples"
-    return f"{where}; {len(problem_layers)} of {num_groups} groups flagged by {criterion}"
+        cells = len(found.cell_failure_norms)
+        where = (
+            f"{found.num_errors} {what.rstrip(':')} of {found.num_examples} examples, "
+            f"{found.num_correct_sample} references in {cells} cells"
+        )
+    how = f"{criterion}, rule {rule}" + (f" (Holm-adjusted p < {alpha:g})" if rule ==
+                                          "significant" else "")  # fmt: skip
+    return f"{where}; {len(problem_layers)} of {num_groups} groups flagged by {how}"

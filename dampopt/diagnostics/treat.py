@@ -1,9 +1,12 @@
 """Step 4, Treat: retrain only the problem layers (or parameters) of a copy of the model.
 
 The paper's protocol (Sec. 5.5, Table 16): freeze everything except the flagged groups, retrain
-30 epochs with physics momentum on a per-epoch cosine schedule from lr = 0.01 down to lr/100
-(epoch 30 runs at 1.3e-4, as in Table 16). Methods C/D train only the top 30% / 15% of
-individual parameters by iKFAD friction: :func:`friction_mask`.
+30 epochs with physics momentum, the lr annealed by a cosine from 0.01 down to lr/100. Here the
+cosine runs over optimizer steps and ends exactly at ``lr_min`` on the last step, so a one- or
+two-epoch treatment anneals too; over 30 epochs each epoch starts where the paper's per-epoch
+schedule puts it (epoch 30 at 1.3e-4, Table 16). Methods C/D train only the top 30% / 15% of
+individual parameters by iKFAD friction: :func:`friction_mask`. :func:`treat_controls` (in
+:mod:`.controls`) trains control choices of layers at the same budget.
 
 Guarantees: the input model is never modified (a deep copy is trained); parameters that are
 not trained, and the untrained elements of a masked parameter, are bit-identical in the copy,
@@ -18,20 +21,29 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .._distributed import all_reduce_sum_, is_distributed
+from .._distributed import all_reduce_sum_
 from .._validation import check_learning_rate, check_non_negative
-from ..physics_sgd import PhysicsSGD
 from . import _data
 from ._report import Report, markdown_table
+from ._surgery import (
+    OPTIMIZERS,
+    Surgery,
+    build_optimizer,
+    check_optimizer,
+    momentum_of,
+    progress_bar,
+    seeded,
+    step_cosine,
+    synchronize,
+    train_modes,
+    train_step,
+)
 from .groups import parameter_names, resolve_groups
 from .localize import Localization
-from .scan import cosine_schedule
 
-OPTIMIZERS = ("physics", "sgd", "adam")
+__all__ = ["OPTIMIZERS", "TreatReport", "friction_mask", "treat"]
 
 
 def friction_mask(optimizer, fraction: float = 0.15) -> dict:
@@ -79,11 +91,13 @@ class TreatReport(Report):
     epochs: int
     steps: int
     optimizer: str
-    lr_schedule: list  # lr of each epoch
-    momentum_schedule: list  # momentum (or Adam's beta1) in effect at the end of each epoch
+    lr_schedule: list  # lr of each epoch's first step
+    momentum_schedule: list  # momentum (or Adam's beta1) of each epoch's first step
+    final_lr: float  # lr of the last step (== lr_min)
     epoch_losses: list  # mean cross-entropy of each epoch (without the EWC term)
     ewc: float
     weight_decay: float
+    seed: int | None  # torch seed the treatment ran under (batch order), None: not seeded
     wall_time_s: float
 
     def to_markdown(self) -> str:
@@ -99,7 +113,9 @@ class TreatReport(Report):
                 ("optimizer", self.optimizer),
                 ("epochs", self.epochs),
                 ("steps", self.steps),
+                ("lr, first and last step", f"{self.lr_schedule[0]:.4g} -> {self.final_lr:.4g}"),
                 ("EWC strength", self.ewc),
+                ("seed", self.seed),
                 ("wall time (s, measured)", self.wall_time_s),
             ],
         )
@@ -129,26 +145,35 @@ def treat(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     device=None,
+    seed: int | None = None,
+    progress: bool | None = None,
 ):
     """Retrain the chosen groups (or masked elements) of a copy of ``model``.
 
     Args:
         model: left untouched; a deep copy is trained.
-        loader: training batches ``(inputs, labels)``; cross-entropy loss.
+        loader: training batches ``(inputs, labels)``; cross-entropy loss. Needs ``len()``.
         layers: group names (``"layer3"``, ``"layer1.0"``...), ``{name: [parameters]}``, or a
             :class:`Localization` (its ``problem_layers``).
         mask: ``{parameter or parameter name: bool tensor of its shape}`` (e.g.
             :func:`friction_mask`); only True elements train. With ``layers`` too, an element
             trains when it is in a chosen group *and* True in the mask.
-        epochs: passes over ``loader``; the lr follows a per-epoch cosine from ``lr`` to
-            ``lr_min`` (default ``lr / 100``), the paper's correction schedule.
-        optimizer: "physics" (:class:`dampopt.PhysicsSGD`, the paper's), "sgd" (torch SGD with
-            ``momentum``), "adam", or a callable ``(params, lr) -> optimizer``.
+        epochs: passes over ``loader``. The lr of step ``t`` of ``T = epochs * len(loader)``
+            is ``lr_min + (lr - lr_min) * (1 + cos(pi * t / (T - 1))) / 2``: ``lr`` at the
+            first step, ``lr_min`` (default ``lr / 100``) exactly at the last.
+        optimizer: "physics" (:class:`dampopt.PhysicsSGD`, the paper's; its momentum follows
+            the lr of every step), "sgd" (torch SGD with ``momentum``), "adam", or a callable
+            ``(params, lr) -> optimizer``.
         ewc: strength of the penalty ``(ewc / 2) * ||theta - theta_0||^2`` toward the original
             weights of the trained parameters: the isotropic (identity-Fisher) variant of
             elastic weight consolidation, not a Fisher-weighted one.
         weight_decay: L2 coupling passed to the optimizer (untrained elements are unaffected).
         device: where the copy trains (default: the model's device).
+        seed: if given, the treatment runs with torch's RNG seeded by it (and the loader's own
+            generator, if it has one, reseeded), the caller's RNG state restored after: a
+            shuffling DataLoader then yields the same batch order for the same seed, which is
+            what makes two treatments a paired comparison.
+        progress: a tqdm bar over the steps; None: when stderr is a terminal.
 
     Returns:
         ``(corrected_copy, TreatReport)``; the copy has the input's ``requires_grad`` flags and
@@ -159,10 +184,19 @@ def treat(
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     lr = check_learning_rate(lr)
     lr_min = lr / 100 if lr_min is None else check_learning_rate(lr_min, "lr_min", allow_zero=True)
+    if lr_min > lr:
+        raise ValueError(f"lr_min ({lr_min}) must not exceed lr ({lr})")
     ewc = check_non_negative("ewc", ewc)
     weight_decay = check_non_negative("weight_decay", weight_decay)
-    if not (isinstance(optimizer, str) and optimizer in OPTIMIZERS) and not callable(optimizer):
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable, got {optimizer!r}")
+    check_optimizer(optimizer)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    try:
+        steps_per_epoch = len(loader)
+    except TypeError:
+        raise ValueError("treat needs a loader with len(): its steps set the lr") from None
+    if steps_per_epoch < 1:
+        raise ValueError("loader yields no batch: nothing to train on")
     names = parameter_names(model)
     element_masks, layer_names = _trainable(model, names, layers, mask)
     if not element_masks:
@@ -171,23 +205,40 @@ def treat(
     device = _data.model_device(model, device)
     corrected = copy.deepcopy(model).to(device)
     flags = {name: p.requires_grad for name, p in corrected.named_parameters()}
-    surgery = _Surgery.prepare(corrected, element_masks, ewc, device)
-    opt, optimizer_name = _build_optimizer(optimizer, surgery.trained(), lr, weight_decay, momentum)
-    lrs = cosine_schedule(lr, lr_min, epochs)
+    surgery = Surgery.prepare(corrected, element_masks, ewc, device)
+    opt, optimizer_name = build_optimizer(optimizer, surgery.trained(), lr, weight_decay, momentum)
+    lrs = step_cosine(lr, lr_min, epochs * steps_per_epoch)
 
-    _train_modes(corrected)
-    steps, losses, momenta = 0, [], []
-    _synchronize(device)
+    train_modes(corrected)
+    steps, losses, epoch_lrs, momenta = 0, [], [], []
+    bar = progress_bar(range(len(lrs)), progress, "treat", total=len(lrs))
+    ticks = iter(bar)
+    synchronize(device)
     start = time.perf_counter()
-    for epoch_lr in lrs:
-        for group in opt.param_groups:
-            group["lr"] = epoch_lr
-        loss, batches = _train_epoch(corrected, loader, opt, surgery, device)
-        steps += batches
-        losses.append(loss)
-        momenta.append(_momentum_of(opt))
-    _synchronize(device)
+    with seeded(loader, seed, device):
+        for _ in range(epochs):
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            count = 0
+            for n, batch in enumerate(loader):
+                step_lr = lrs[min(steps, len(lrs) - 1)]  # a loader longer than len(): lr_min
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+                batch_loss, size = train_step(corrected, batch, opt, surgery, device)
+                if n == 0:
+                    epoch_lrs.append(step_lr)
+                    momenta.append(momentum_of(opt))
+                loss_sum += batch_loss
+                count += size
+                steps += 1
+                next(ticks, None)
+            totals = all_reduce_sum_(torch.stack([loss_sum, loss_sum.new_tensor(float(count))]))
+            if totals[1] == 0:  # after the reduction, so every rank raises together
+                raise ValueError("loader yielded no batch: nothing to train on")
+            losses.append(float(totals[0] / totals[1]))
+    synchronize(device)
     wall = time.perf_counter() - start
+    if hasattr(bar, "close"):
+        bar.close()
 
     for name, p in corrected.named_parameters():
         p.requires_grad_(flags[name])
@@ -202,11 +253,13 @@ def treat(
         epochs=epochs,
         steps=steps,
         optimizer_name=optimizer_name,
-        lrs=lrs,
+        lrs=epoch_lrs,
+        final_lr=lrs[min(steps, len(lrs)) - 1],
         momenta=momenta,
         losses=losses,
         ewc=ewc,
         weight_decay=weight_decay,
+        seed=seed,
         wall=wall,
     )
     return corrected, report
@@ -255,114 +308,6 @@ def _trainable(model, names, layers, mask):
     return {name: masks[name] for name in names.values() if name in masks}, layer_names
 
 
-def _build_optimizer(optimizer, params, lr, weight_decay, momentum):
-    if optimizer == "physics":
-        return PhysicsSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "physics"
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "sgd"
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay), "adam"
-    built = optimizer(params, lr)
-    if not isinstance(built, torch.optim.Optimizer):
-        raise TypeError("optimizer callable must return a torch.optim.Optimizer")
-    return built, getattr(optimizer, "__name__", type(built).__name__)
-
-
-def _train_modes(model: nn.Module) -> None:
-    """Train mode, except modules with buffers none of whose own parameters train (frozen BN)."""
-    model.train()
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        has_buffers = any(True for _ in module.buffers(recurse=False))
-        if has_buffers and not any(p.requires_grad for p in own):
-            module.eval()
-
-
-@dataclass
-class _Surgery:
-    """What trains in the copy, and how its gradients are edited before each step."""
-
-    params: dict  # {name: parameter of the copy}
-    element_masks: dict  # {name: None (whole tensor trains) or bool mask}
-    partial: dict  # {name: (mask, original values)} for partly trained tensors
-    anchors: dict  # {name: original values} for the EWC penalty
-    ewc: float
-
-    @classmethod
-    def prepare(cls, model, element_masks, ewc, device):
-        params = dict(model.named_parameters())
-        for name, p in params.items():
-            p.requires_grad_(name in element_masks)
-        partial = {
-            name: (m.to(device), params[name].detach().clone())
-            for name, m in element_masks.items()
-            if m is not None
-        }
-        anchors = {name: params[name].detach().clone() for name in element_masks} if ewc else {}
-        return cls(params, element_masks, partial, anchors, ewc)
-
-    def trained(self) -> list:
-        return [self.params[name] for name in self.element_masks]
-
-    def edit_gradients(self) -> None:
-        world = dist.get_world_size() if is_distributed() else 1
-        for name in self.element_masks:
-            p = self.params[name]
-            if p.grad is None:
-                continue
-            if world > 1:  # keep every rank's copy identical: average the gradients
-                all_reduce_sum_(p.grad).div_(world)
-            if self.ewc:  # gradient of (ewc / 2) * ||theta - theta_0||^2
-                p.grad.add_(p.detach() - self.anchors[name], alpha=self.ewc)
-            if name in self.partial:
-                p.grad.mul_(self.partial[name][0])
-
-    @torch.no_grad()
-    def restore_untrained(self) -> None:
-        # Gradient masking alone leaves weight decay and optimizer state able to move an
-        # element; writing the originals back makes "untrained" exact whatever the optimizer.
-        for name, (mask, original) in self.partial.items():
-            self.params[name].copy_(torch.where(mask, self.params[name], original))
-
-
-def _train_epoch(model, loader, opt, surgery: _Surgery, device) -> tuple[float, int]:
-    """One pass of cross-entropy training; returns (mean loss over all ranks, steps)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = steps = 0
-    for batch in loader:
-        inputs, labels = _data.unpack(batch)
-        inputs = _data.to_device(inputs, device)
-        logits = _data.logits_of(model, inputs)
-        labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
-        loss = F.cross_entropy(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        surgery.edit_gradients()
-        opt.step()
-        surgery.restore_untrained()
-        loss_sum += loss.detach().double() * len(labels)
-        count += len(labels)
-        steps += 1
-    totals = all_reduce_sum_(torch.stack([loss_sum, loss_sum.new_tensor(float(count))]))
-    if totals[1] == 0:  # after the reduction, so every rank raises together
-        raise ValueError("loader yielded no batch: nothing to train on")
-    return float(totals[0] / totals[1]), steps
-
-
-def _momentum_of(opt) -> float | None:
-    group = opt.param_groups[0]
-    if "momentum" in group:
-        return float(group["momentum"])
-    if "betas" in group:
-        return float(group["betas"][0])
-    return None
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _report(
     model,
     *,
@@ -374,10 +319,12 @@ def _report(
     steps,
     optimizer_name,
     lrs,
+    final_lr,
     momenta,
     losses,
     ewc,
     weight_decay,
+    seed,
     wall,
 ) -> TreatReport:
     by_name = dict(model.named_parameters())
@@ -399,8 +346,10 @@ def _report(
         optimizer=optimizer_name,
         lr_schedule=list(lrs),
         momentum_schedule=momenta,
+        final_lr=final_lr,
         epoch_losses=losses,
         ewc=ewc,
         weight_decay=weight_decay,
+        seed=seed,
         wall_time_s=wall,
     )

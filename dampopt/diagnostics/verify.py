@@ -119,6 +119,58 @@ def verify(labels, preds_before, preds_after, num_classes: int | None = None) ->
 
 
 @dataclass
+class TreatmentComparison(Report):
+    """Two corrected models on the same examples: where they disagree, and the exact test."""
+
+    name_a: str
+    name_b: str
+    num_examples: int
+    accuracy_a: float
+    accuracy_b: float
+    a_only: int  # examples a gets right and b wrong
+    b_only: int  # examples b gets right and a wrong
+    difference: int  # a_only - b_only (= correct answers of a minus those of b)
+    p_value: float  # exact two-sided McNemar on (a_only, b_only)
+
+    def to_markdown(self) -> str:
+        return markdown_table(
+            ["Metric", self.name_a, self.name_b],
+            [
+                ("Accuracy", self.accuracy_a, self.accuracy_b),
+                ("Right only here", self.a_only, self.b_only),
+                (f"{self.name_a} - {self.name_b}", f"{self.difference:+d}", None),
+                ("McNemar p (exact, two-sided)", self.p_value, None),
+            ],
+        )
+
+
+def compare_treatments(labels, preds_a, preds_b, names=("a", "b")) -> TreatmentComparison:
+    """Exact McNemar test of two models' predictions on the same examples (paired).
+
+    Only the examples where exactly one of the two is right count: ``a_only`` and ``b_only``;
+    under the null that both are equally accurate each such example is a fair coin. Use it to
+    ask whether a treatment beat its control, not just whether each beat the untreated model.
+    """
+    if not isinstance(names, (tuple, list)) or len(names) != 2:
+        raise ValueError(f"names must be two strings, got {names!r}")
+    labels, preds = check_predictions(labels, {"preds_a": preds_a, "preds_b": preds_b})
+    right_a, right_b = preds["preds_a"] == labels, preds["preds_b"] == labels
+    a_only, b_only = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    n = labels.numel()
+    return TreatmentComparison(
+        name_a=str(names[0]),
+        name_b=str(names[1]),
+        num_examples=n,
+        accuracy_a=float(right_a.sum()) / n,
+        accuracy_b=float(right_b.sum()) / n,
+        a_only=a_only,
+        b_only=b_only,
+        difference=a_only - b_only,
+        p_value=mcnemar_exact(a_only, b_only),
+    )
+
+
+@dataclass
 class ComputeSaving(Report):
     """Two different measures of what a treatment saved versus full training; not to be mixed.
 

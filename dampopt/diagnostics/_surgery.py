@@ -1,0 +1,187 @@
+"""Training part of a copy of a model: what :func:`treat`, its controls and the probe share.
+
+Guarantees: parameters that are not trained, and the untrained elements of a masked parameter,
+stay bit-identical; modules none of whose own parameters train run in eval mode, so their
+buffers (BatchNorm running statistics) are left as they were too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .._distributed import all_reduce_sum_, is_distributed
+from ..physics_sgd import PhysicsSGD
+from . import _data
+
+OPTIMIZERS = ("physics", "sgd", "adam")
+
+
+def step_cosine(lr_max: float, lr_min: float, steps: int) -> list[float]:
+    """Cosine annealing over steps: ``lr_max`` at the first step, ``lr_min`` at the last.
+
+    ``lr[t] = lr_min + (lr_max - lr_min) * (1 + cos(pi * t / (steps - 1))) / 2`` for
+    ``t = 0 .. steps-1`` (one step: ``lr_max``). Over 30 epochs of many steps, epoch ``e``
+    starts at about ``lr_min + (lr_max - lr_min) (1 + cos(pi e / 30)) / 2``: the paper's Table 16.
+    """
+    if steps == 1:
+        return [lr_max]
+    return [
+        lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * t / (steps - 1))) / 2
+        for t in range(steps)
+    ]
+
+
+def build_optimizer(optimizer, params, lr, weight_decay, momentum):
+    """``(optimizer, name)`` for the names of :data:`OPTIMIZERS` or a ``(params, lr)`` callable."""
+    if optimizer == "physics":
+        return PhysicsSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "physics"
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "sgd"
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay), "adam"
+    built = optimizer(params, lr)
+    if not isinstance(built, torch.optim.Optimizer):
+        raise TypeError("optimizer callable must return a torch.optim.Optimizer")
+    return built, getattr(optimizer, "__name__", type(built).__name__)
+
+
+def check_optimizer(optimizer) -> None:
+    if not (isinstance(optimizer, str) and optimizer in OPTIMIZERS) and not callable(optimizer):
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable, got {optimizer!r}")
+
+
+def train_modes(model: nn.Module) -> None:
+    """Train mode, except modules with buffers none of whose own parameters train (frozen BN)."""
+    model.train()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        has_buffers = any(True for _ in module.buffers(recurse=False))
+        if has_buffers and not any(p.requires_grad for p in own):
+            module.eval()
+
+
+@contextlib.contextmanager
+def seeded(loader, seed: int | None, device=None):
+    """Run the body with torch's RNG seeded by ``seed``; the caller's RNG state is restored.
+
+    A DataLoader that shuffles without a generator of its own draws its order from torch's
+    global RNG, so every body run under the same seed sees the same batches in the same order
+    (and the same dropout masks on CPU). A loader with its own generator gets that generator's
+    state restored after the body. ``seed=None``: nothing is seeded or restored.
+    """
+    if seed is None:
+        yield
+        return
+    generator = getattr(loader, "generator", None)
+    saved = generator.get_state() if isinstance(generator, torch.Generator) else None
+    devices = []
+    if device is not None and torch.device(device).type == "cuda":
+        devices = [torch.device(device)]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if saved is not None:
+                generator.manual_seed(seed)
+            yield
+    finally:
+        if saved is not None:
+            generator.set_state(saved)
+
+
+def progress_bar(iterable, enabled, description: str, total=None):
+    """``iterable`` wrapped in a tqdm bar when enabled (None: when stderr is a terminal)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if is_distributed() and dist.get_rank() != 0:
+        enabled = False
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a bar is never worth an error
+        return iterable
+    return tqdm(iterable, desc=description, total=total, leave=False, file=sys.stderr)
+
+
+@dataclass
+class Surgery:
+    """What trains in the copy, and how its gradients are edited before each step."""
+
+    params: dict  # {name: parameter of the copy}
+    element_masks: dict  # {name: None (whole tensor trains) or bool mask}
+    partial: dict  # {name: (mask, original values)} for partly trained tensors
+    anchors: dict  # {name: original values} for the EWC penalty
+    ewc: float
+
+    @classmethod
+    def prepare(cls, model, element_masks, ewc, device):
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(name in element_masks)
+        partial = {
+            name: (m.to(device), params[name].detach().clone())
+            for name, m in element_masks.items()
+            if m is not None
+        }
+        anchors = {name: params[name].detach().clone() for name in element_masks} if ewc else {}
+        return cls(params, element_masks, partial, anchors, ewc)
+
+    def trained(self) -> list:
+        return [self.params[name] for name in self.element_masks]
+
+    def edit_gradients(self) -> None:
+        world = dist.get_world_size() if is_distributed() else 1
+        for name in self.element_masks:
+            p = self.params[name]
+            if p.grad is None:
+                continue
+            if world > 1:  # keep every rank's copy identical: average the gradients
+                all_reduce_sum_(p.grad).div_(world)
+            if self.ewc:  # gradient of (ewc / 2) * ||theta - theta_0||^2
+                p.grad.add_(p.detach() - self.anchors[name], alpha=self.ewc)
+            if name in self.partial:
+                p.grad.mul_(self.partial[name][0])
+
+    @torch.no_grad()
+    def restore_untrained(self) -> None:
+        # Gradient masking alone leaves weight decay and optimizer state able to move an
+        # element; writing the originals back makes "untrained" exact whatever the optimizer.
+        for name, (mask, original) in self.partial.items():
+            self.params[name].copy_(torch.where(mask, self.params[name], original))
+
+
+def train_step(model, batch, opt, surgery: Surgery, device) -> tuple[torch.Tensor, int]:
+    """One cross-entropy step on ``batch``; returns (detached fp64 loss sum, batch size)."""
+    inputs, labels = _data.unpack(batch)
+    inputs = _data.to_device(inputs, device)
+    logits = _data.logits_of(model, inputs)
+    labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    surgery.edit_gradients()
+    opt.step()
+    surgery.restore_untrained()
+    return loss.detach().double() * len(labels), len(labels)
+
+
+def momentum_of(opt) -> float | None:
+    group = opt.param_groups[0]
+    if "momentum" in group:
+        return float(group["momentum"])
+    if "betas" in group:
+        return float(group["betas"][0])
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
