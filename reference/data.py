@@ -213,7 +213,10 @@ def prepare(
 
     def to_tensor(images):
         x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-        x = x.permute(0, 3, 1, 2).float().div_(255)
+        # NHWC -> NCHW in memory too: the permuted view has channels-last strides (with one
+        # channel it even passes is_contiguous()), and torch 2.14's CPU convolution backward
+        # then takes its channels-last path, which corrupts the heap for odd batch sizes.
+        x = x.permute(0, 3, 1, 2).float().div_(255).clone(memory_format=torch.contiguous_format)
         if x.shape[-1] != image_size:
             x = F.adaptive_avg_pool2d(x, image_size)
         return x

@@ -17,6 +17,13 @@ Methods (Table 2 and Sec. 6.1, 7.1); all share the preset's per-epoch cosine lr 
 
 Every method is trained at most once per seed (:class:`Lab`); the experiments read the trained
 models and hand them to :mod:`dampopt.diagnostics`.
+
+Held-out verification (not in the paper): the test set is split once into two fixed halves.
+Every localization sees the first half only; every correction is verified on the second, so
+the layers are checked on images they were not chosen from. Correction A (and the specific
+criterion's choice, when it flags anything) is also run against control arms at the same
+budget: unflagged, random, all and largest groups, over ``preset.control_seeds`` treatment
+seeds, each flagged/control pair compared by the exact paired McNemar test.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ IKFAD_STEP = 0.0973  # the authors' h on CIFAR-10; lr = h**2
 CD_STEP = 0.0448
 CD_CUBIC = 0.1  # the diagnostic paper's c
 FRICTION_LR_RANGE = 1e-3  # cosine from h**2 down to h**2 / 1000, the paper's 0.1 -> 1e-4 ratio
+HALVES_SEED = 0  # the test set's split into a localize half and a verify half (every run seed)
 
 
 def one_cycle_momentum(lr: float, lr_max: float, lr_min: float) -> float:
@@ -109,6 +117,10 @@ class Lab:
         shard = math.ceil(len(data.train_labels) / world_size)
         self.steps_per_epoch = math.ceil(shard / (settings.batch_size // world_size))
         self.rank, self.world_size = rank, world_size
+        first, second = diagnostics.split_halves(range(len(data.test_labels)), seed=HALVES_SEED)
+        device = data.test_labels.device
+        self.localize_rows = torch.tensor(first.indices, device=device)
+        self.verify_rows = torch.tensor(second.indices, device=device)
 
     def trained(self, name: str) -> TrainingRun:
         if name not in self.runs:
@@ -120,14 +132,24 @@ class Lab:
         return self.runs[name]
 
     # loaders the diagnostics iterate: this rank's shard (diagnostics all-reduce over ranks)
-    def test_loader(self) -> TensorLoader:
-        return TensorLoader(self.data.test_images, self.data.test_labels, 512, train=False,
-                            channels_last=self.settings.channels_last,
+    def _test_half(self, rows: torch.Tensor) -> TensorLoader:
+        return TensorLoader(self.data.test_images[rows], self.data.test_labels[rows], 512,
+                            train=False, channels_last=self.settings.channels_last,
                             rank=self.rank, world_size=self.world_size)  # fmt: skip
 
-    def train_loader(self) -> TensorLoader:
+    def localize_loader(self) -> TensorLoader:
+        """The half of the test set every localization sees."""
+        return self._test_half(self.localize_rows)
+
+    def verify_loader(self) -> TensorLoader:
+        """The other half: every correction is verified here."""
+        return self._test_half(self.verify_rows)
+
+    def train_loader(self, seed: int | None = None) -> TensorLoader:
+        """Training batches; ``seed`` (default: the run's) fixes their order and augmentation."""
         return TensorLoader(self.data.train_images, self.data.train_labels,
-                            self.settings.batch_size, train=True, seed=self.settings.seed,
+                            self.settings.batch_size, train=True,
+                            seed=self.settings.seed if seed is None else seed,
                             crop_padding=self.settings.crop_padding,
                             channels_last=self.settings.channels_last,
                             rank=self.rank, world_size=self.world_size)  # fmt: skip
@@ -190,7 +212,9 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
 
 def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: float,
             layers=None, mask=None) -> dict:  # fmt: skip
-    """Treat (retrain ``layers`` / ``mask`` with physics momentum) and verify on the test set.
+    """Treat (retrain ``layers`` / ``mask`` with physics momentum); verify on the verify half.
+
+    ``before``: the model's predictions on the whole test set (sliced to the verify half here).
 
     Cached under the checkpoint directory so a resumed run does not redo finished corrections.
     """
@@ -202,8 +226,10 @@ def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: 
         model, loader, layers=layers, mask=mask, epochs=lab.preset.correction_epochs,
         lr=lab.preset.correction_lr, optimizer="physics", weight_decay=lab.preset.weight_decay,
     )  # fmt: skip
-    after = predict(corrected, lab.data, lab.settings)
-    check = diagnostics.verify(lab.data.test_labels, before, after)
+    rows = lab.verify_rows
+    labels, before, after = (lab.data.test_labels[rows], before[rows],
+                             predict(corrected, lab.data, lab.settings)[rows])  # fmt: skip
+    check = diagnostics.verify(labels, before, after)
     groups_trained = len(treatment.layers) if treatment.layers else len(LAYER_GROUPS)
     saving = diagnostics.compute_saving(
         treatment.wall_time_s, training_seconds,
@@ -221,11 +247,38 @@ def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: 
         "epoch_losses": list(treatment.epoch_losses),
         "correction_seconds": treatment.wall_time_s,
         **verification,
-        # on the examples verified (the test set), from the predictions before and after
-        "per_class_before": per_class_accuracy(before, lab.data.test_labels, len(lab.data.classes)),
-        "per_class_after": per_class_accuracy(after, lab.data.test_labels, len(lab.data.classes)),
+        # on the examples verified (the verify half), from the predictions before and after
+        "per_class_before": per_class_accuracy(before, labels, len(lab.data.classes)),
+        "per_class_after": per_class_accuracy(after, labels, len(lab.data.classes)),
         "saving": saving.to_dict(),
     }
+    if lab.rank == 0:
+        torch.save({"result": result}, cache)
+    return result
+
+
+# -- Experiment 2: Scan -> Localize -> Diagnose -> Treat -> Verify (Sec. 5, Tables 7-10) -------
+
+
+def controls(lab: Lab, name: str, model, localization) -> dict:
+    """Correction of ``localization``'s flagged groups against control arms, same budget.
+
+    Every arm of treatment seed ``s`` trains on ``lab.train_loader(seed=s)`` (a fresh loader,
+    so the same batches for every arm of that seed), and is verified on the verify half.
+    Cached like :func:`correct`.
+    """
+    cache = lab.settings.checkpoint_dir / f"controls-{name}.pt"
+    if lab.settings.resume and cache.exists():
+        return torch.load(cache, weights_only=False)["result"]
+    outcome = diagnostics.treat_controls(
+        model, lambda seed: lab.train_loader(seed=seed), localization, lab.verify_loader(),
+        seeds=lab.preset.control_seeds, random_draws=lab.preset.random_draws,
+        epochs=lab.preset.correction_epochs, lr=lab.preset.correction_lr, optimizer="physics",
+        weight_decay=lab.preset.weight_decay,
+    )  # fmt: skip
+    result = outcome.to_dict()
+    result["beats"] = {arm: outcome.beats(arm) for arm in outcome.comparisons}
+    result["markdown"] = outcome.to_markdown()
     if lab.rank == 0:
         torch.save({"result": result}, cache)
     return result
@@ -237,13 +290,20 @@ def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: 
 def localization_summary(localization) -> dict:
     return {
         "criterion": localization.criterion,
+        "rule": localization.rule,
+        "alpha": localization.alpha,
         "norms": dict(localization.norms),
         "grad_norms": dict(localization.grad_norms),
         "specificity": dict(localization.specificity),
+        "intervals": dict(localization.intervals),
+        "p_values": dict(localization.p_values),
+        "adjusted_p_values": dict(localization.adjusted_p_values),
+        "group_sizes": dict(localization.group_sizes),
         "problem_layers": list(localization.problem_layers),
         "ranking": list(localization.ranking),
         "num_errors": localization.num_errors,
         "num_examples": localization.num_examples,
+        "num_cells": localization.num_cells,
         "message": localization.message,
     }
 
@@ -254,16 +314,25 @@ def experiment_2(lab: Lab) -> dict:
     errors = diagnostics.compare_errors(
         {name: lab.trained(name).predictions for name in ("baseline", "physics", "1cycle")}, labels
     )
-    where = diagnostics.localize(baseline.model, lab.test_loader())
-    why = diagnostics.diagnose(baseline.model, lab.test_loader(), where, top=7,
+    # the paper's criterion and rule, and the size-free one with its test, on the same half
+    where = diagnostics.localize(baseline.model, lab.localize_loader())
+    specific = diagnostics.localize(baseline.model, lab.localize_loader(),
+                                    criterion="specificity", rule="significant")  # fmt: skip
+    why = diagnostics.diagnose(baseline.model, lab.localize_loader(), where, top=7,
                                class_names=list(lab.data.classes))  # fmt: skip
     correction = correct(lab, "A", baseline.model, baseline.predictions, baseline.seconds,
                          layers=where.problem_layers)  # fmt: skip
     return {
         "errors": errors.to_dict(),
         "localization": localization_summary(where),
+        "specific_localization": localization_summary(specific),
         "diagnosis": why.to_dict(),
         "correction": correction,
+        "controls": controls(lab, "A", baseline.model, where),
+        "specific_controls": (controls(lab, "specific", baseline.model, specific)
+                              if specific.problem_layers else None),  # fmt: skip
+        "localize_size": len(lab.localize_rows),
+        "verify_size": len(lab.verify_rows),
     }
 
 
@@ -279,7 +348,7 @@ def experiment_3(lab: Lab, experiment2: dict) -> dict:
     sgd_layers = experiment2["localization"]["problem_layers"]
     friction = diagnostics.localize(ikfad.model, None, criterion="friction",
                                     optimizer=ikfad.optimizer)  # fmt: skip
-    adam_where = diagnostics.localize(adam.model, lab.test_loader())
+    adam_where = diagnostics.localize(adam.model, lab.localize_loader())
 
     # Methods C/D select iKFAD's highest-friction elements and retrain those elements of the
     # baseline model (same architecture): the mask is carried over by parameter name.

@@ -4,8 +4,10 @@
   critical curve mu_c = 1 - 2 sqrt(lr); red above it (underdamped), blue below (overdamped).
 - fig2_test_accuracy.png: test accuracy per epoch of every trained method.
 - fig3_regimes.png: the damping regime of every epoch, one strip per method.
-- grad_norms.png: per-group grad norm on misclassified vs correctly classified test images.
-- corrections.png: errors fixed / new / net of corrections A-E.
+- grad_norms.png: per-group grad norm on misclassified test images (the paper's criterion)
+  beside the size-free specificity with its 95% intervals.
+- corrections.png: errors fixed / new / net of corrections A-E, and the net of correction A's
+  control arms (and the specific criterion's) with min-max bars over treatment seeds.
 - per_class_A.png: per-class test accuracy before and after correction A.
 
 With several seeds the per-epoch curves (figures 1 and 2) are the mean over seeds with the
@@ -33,8 +35,8 @@ CAPTIONS = {
     "fig1_lr_momentum.png": "Fig. 1: cosine lr and momentum trajectories with the critical curve",
     "fig2_test_accuracy.png": "Fig. 2: test accuracy during training",
     "fig3_regimes.png": "Fig. 3: damping regime of every epoch",
-    "grad_norms.png": "Per-group gradient norm on errors vs correct images (baseline)",
-    "corrections.png": "Errors fixed / new / net of corrections A-E",
+    "grad_norms.png": "Per-group gradient norm on errors and specificity (baseline)",
+    "corrections.png": "Corrections A-E, and correction A against control arms",
     "per_class_A.png": "Per-class test accuracy before / after correction A",
 }
 # drawn from every seed's results; the other figures from the first seed's
@@ -135,39 +137,77 @@ def figure_3(runs: list, path: Path) -> None:
     _save(fig, path)
 
 
-def grad_norm_figure(localization: dict, path: Path) -> None:
+def grad_norm_figure(localization: dict, specific: dict, path: Path) -> None:
+    """Left: grad norm on the errors (the paper's criterion); right: specificity, 95% intervals."""
     groups = list(localization["grad_norms"])
-    errors = np.array([localization["grad_norms"][g] for g in groups])
-    specificity = [localization["specificity"].get(g) for g in groups]
-    correct = np.array([e / s if s else 0.0 for e, s in zip(errors, specificity)])
     x = np.arange(len(groups))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(x - 0.2, errors, 0.4, label="misclassified images", color="tab:red")
-    ax.bar(x + 0.2, correct, 0.4, label="correctly classified sample", color="tab:blue")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    errors = np.array([localization["grad_norms"][g] for g in groups])
+    left.bar(x, errors, 0.6, color=["tab:red" if g in localization["problem_layers"] else
+                                    "tab:gray" for g in groups])  # fmt: skip
+    left.set_xticks(x, groups, fontsize=8)
+    left.set(ylabel="grad norm of the mean loss on the errors",
+             title="Paper's criterion (red: flagged, above the median)")  # fmt: skip
+    values = [specific["specificity"].get(g) for g in groups]
     for i, g in enumerate(groups):
-        if g in localization["problem_layers"]:
-            ax.annotate("flagged", (i - 0.2, errors[i]), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, groups)
-    ax.set(ylabel="grad norm of the mean loss", title="Gradient attribution (baseline)")
-    ax.legend(fontsize=8)
+        if values[i] is None:
+            continue
+        interval = specific["intervals"].get(g)
+        low, high = interval if interval is not None else (values[i], values[i])
+        color = "tab:red" if g in specific["problem_layers"] else "tab:gray"
+        right.errorbar(i, values[i], yerr=[[values[i] - low], [high - values[i]]], fmt="o",
+                       color=color, capsize=3)  # fmt: skip
+    right.axhline(1.0, color="black", lw=0.6, ls=":")
+    right.set_xticks(x, groups, fontsize=8)
+    right.set(ylabel="specificity (1 = as other images)",
+              title="Size-free specificity, 95% interval (red: Holm p < 0.05)")  # fmt: skip
     _save(fig, path)
 
 
-def corrections_figure(corrections: dict, path: Path) -> None:
+def corrections_figure(corrections: dict, controls: list, path: Path) -> None:
+    """Left: fixed / new / net of A-E; right: net of each control arm over treatment seeds.
+
+    ``controls``: ``(label, treat_controls result or None)`` pairs; error bars span the
+    treatment seeds' min-max.
+    """
     keys = list(corrections)
     fixed = [corrections[k]["fixed"] for k in keys]
     new = [corrections[k]["new"] for k in keys]
     net = [corrections[k]["net"] for k in keys]
     x = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, arms_ax) = plt.subplots(1, 2, figsize=(12, 4.2),
+                                      gridspec_kw={"width_ratios": [1, 1.3]})  # fmt: skip
     ax.bar(x - 0.27, fixed, 0.27, label="fixed", color="tab:green")
     ax.bar(x, new, 0.27, label="new errors", color="tab:red")
     ax.bar(x + 0.27, net, 0.27, label="net", color="tab:gray")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x, [f"{k}\n{', '.join(corrections[k]['layers']) or 'mask'}" for k in keys],
                   fontsize=7)  # fmt: skip
-    ax.set(ylabel="test images", title="Before/after correction")
+    ax.set(ylabel="verify-half images", title="Before/after correction")
     ax.legend(fontsize=8)
+    shown = [(label, found) for label, found in controls if found is not None]
+    width = 0.8 / max(len(shown), 1)
+    names = []
+    for _, found in shown:
+        for arm in found["arms"]:
+            if arm not in names:
+                names.append(arm)
+    for k, (label, found) in enumerate(shown):
+        for i, arm in enumerate(names):
+            if arm not in found["summary"]:
+                continue
+            nets = found["summary"][arm]["net"]
+            mean = float(np.mean(nets))
+            arms_ax.bar(i - 0.4 + width * (k + 0.5), mean, width,
+                        yerr=[[mean - min(nets)], [max(nets) - mean]], capsize=2,
+                        color="tab:red" if arm == "flagged" else f"C{k}",
+                        label=label if i == 1 else None)  # fmt: skip
+    arms_ax.axhline(0, color="black", lw=0.6)
+    arms_ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
+    arms_ax.set(ylabel="net (verify half)",
+                title="Same budget, other groups (bars: min-max over treatment seeds)")
+    if shown:
+        arms_ax.legend(fontsize=7)
     _save(fig, path)
 
 
@@ -208,8 +248,13 @@ def write_figures(per_seed: dict, preset, directory: Path, classes=None) -> dict
     figure_1([r["experiment_1"]["methods"] for r in runs], directory / "fig1_lr_momentum.png")
     figure_2(every_method, preset.thresholds, directory / "fig2_test_accuracy.png")
     figure_3(every_method, directory / "fig3_regimes.png")
-    grad_norm_figure(first["experiment_2"]["localization"], directory / "grad_norms.png")
-    corrections_figure(first["experiment_3"]["corrections"], directory / "corrections.png")
+    e2 = first["experiment_2"]
+    grad_norm_figure(e2["localization"], e2["specific_localization"],
+                     directory / "grad_norms.png")  # fmt: skip
+    corrections_figure(first["experiment_3"]["corrections"],
+                       [("paper's flagged", e2["controls"]),
+                        ("specific flagged", e2["specific_controls"])],
+                       directory / "corrections.png")  # fmt: skip
     written = ["fig1_lr_momentum.png", "fig2_test_accuracy.png", "fig3_regimes.png",
                "grad_norms.png", "corrections.png"]  # fmt: skip
     a = [r["experiment_3"]["corrections"]["A"] for r in runs]

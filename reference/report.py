@@ -142,22 +142,35 @@ def build_tables(results: dict, preset: Preset) -> list:
         ],
     })
 
-    where = e2["localization"]
-    problems = set(where["problem_layers"])
+    where, specific = e2["localization"], e2["specific_localization"]
+    problems, significant = set(where["problem_layers"]), set(specific["problem_layers"])
     tables.append({
         "id": "8", "title": "Per-layer gradient norms on misclassified images (baseline)",
-        "note": f"{where['message']}. Flagged: above the median. Specificity: grad norm on "
-                "errors over grad norm on an equal-size sample of correct images.",
+        "note": f"On the localize half of the test set ({e2['localize_size']} images). Paper's "
+                f"rule: {where['message']}; flagged above the median. Specific criterion: "
+                f"{specific['message']}. Specificity: per cell (a few errors and as many "
+                "correct images of one batch), a group's grad norm on the errors over its norm "
+                "on the correct images, relative to the geometric mean of that ratio over the "
+                "groups (1 = the errors pull on it as other images do); geometric mean over "
+                "cells, 95% bootstrap interval, one-sided exact sign-flip p-value, Holm over "
+                "the 7 groups; flagged by the significant rule when Holm p < "
+                f"{specific['alpha']:g}.",
         "columns": [_column("Grad norm", fmt="float"), _column("Status", fmt="text"),
-                    _column("Specificity", "-", "float")],
-        "rows": [_row(g, (*PAPER["table8"][g], None),
+                    _column("Params", "-", "int"), _column("Specificity", "-", "float"),
+                    _column("95% interval", "-", "text"), _column("p (Holm)", "-", "float"),
+                    _column("Significant rule", "-", "text")],
+        "rows": [_row(g, (*PAPER["table8"][g], None, None, None, None, None),
                       [where["grad_norms"][g], "Problem" if g in problems else "Normal",
-                       where["specificity"][g]]) for g in GROUP_ORDER],
+                       where["group_sizes"][g], specific["specificity"][g],
+                       _interval(specific["intervals"][g]), specific["adjusted_p_values"][g],
+                       "Problem" if g in significant else "Normal"]) for g in GROUP_ORDER],
     })
     pairs = e2["diagnosis"]["pairs"]
     tables.append({
         "id": "9", "title": "Most frequent confusion pairs (baseline) with layer attribution",
-        "note": "true -> predicted (attributed layer), count.",
+        "note": "true -> predicted (attributed layer), count. Attributed among the flagged "
+                "groups by specificity; 'not distinguishable' when the two leading groups' 95% "
+                "intervals overlap (the paper names the largest grad norm).",
         "columns": [_column("Confusion", fmt="text")],
         "rows": [_row(f"#{i + 1}", [PAPER["table9"][i]],
                       [_confusion(pairs[i]) if i < len(pairs) else None]) for i in range(7)],
@@ -167,7 +180,9 @@ def build_tables(results: dict, preset: Preset) -> list:
     tables.append({
         "id": "10", "title": "Surgical correction of the flagged layers (Method A)",
         "note": f"Retrained {', '.join(a['layers'])} for {preset.correction_epochs} epochs from "
-                f"lr {preset.correction_lr} with physics momentum. Saving (count): "
+                f"lr {preset.correction_lr} with physics momentum; verified on the verify half "
+                f"of the test set ({e2['verify_size']} images the localization did not see; "
+                "the paper verified on the images it localized on). Saving (count): "
                 "1 - (epochs x groups) / (training epochs x 7); saving (measured): 1 - "
                 "correction wall time / baseline training wall time.",
         "columns": [_column("Value", fmt="auto")],
@@ -186,6 +201,10 @@ def build_tables(results: dict, preset: Preset) -> list:
             _row("Compute saving (measured)", [None], [_pct(a["saving"]["measured_saving"])]),
         ],
     })
+
+    for key, label, title in (("controls", "10b", "paper's flagged layers"),
+                              ("specific_controls", "10c", "specific criterion's flagged layers")):
+        tables.append(_controls_table(e2[key], label, title, preset))
 
     t3 = e3["trainings"]
     tables.append({
@@ -256,9 +275,47 @@ def build_tables(results: dict, preset: Preset) -> list:
     return tables
 
 
+CONTROL_ARMS = ("flagged", "unflagged", "random-1", "random-2", "random-3", "all", "largest")
+
+
+def _controls_table(controls: dict | None, label: str, title: str, preset: Preset) -> dict:
+    """Correction against its control arms; rows fixed, so that seeds merge row by row."""
+    seeds = list(preset.control_seeds)
+    note = (f"Every arm retrains its groups for {preset.correction_epochs} epochs from lr "
+            f"{preset.correction_lr} (physics momentum), the same batches per treatment seed "
+            f"({', '.join(map(str, seeds))}), verified on the verify half. Random: as many "
+            "groups as flagged, drawn at random; largest: as many, by parameter count. Flagged - "
+            "arm: correct answers of the flagged model minus the arm's on the same images, per "
+            "treatment seed, with the exact paired McNemar p.")
+    if controls is None:
+        note = "Not run: the specific criterion's significant rule flagged no group. " + note
+    columns = [_column("Groups", "-", "text"), _column("Net (mean of seeds)", "-", "float"),
+               _column("Net per seed", "-", "text"), _column("Accuracy", "-", "acc"),
+               _column("Flagged - arm (p)", "-", "text")]  # fmt: skip
+    rows = []
+    for arm in CONTROL_ARMS:
+        if controls is None or arm not in controls["arms"]:
+            rows.append(_row(arm, [None] * len(columns), [None] * len(columns)))
+            continue
+        info = controls["summary"][arm]
+        versus = "-" if arm == "flagged" else "; ".join(
+            f"{c['difference']:+d} (p={c['p_value']:.2g})" for c in controls["comparisons"][arm])
+        rows.append(_row(arm, [None] * len(columns), [
+            ", ".join(controls["arms"][arm]), info["net_mean"],
+            " ".join(f"{n:+d}" for n in info["net"]), info["accuracy_mean"], versus]))
+    return {"id": label, "title": f"Correction against control arms: {title}", "note": note,
+            "columns": columns, "rows": rows}  # fmt: skip
+
+
+def _interval(interval) -> str | None:
+    return None if interval is None else f"[{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
 def _confusion(pair: dict) -> str:
-    return (f"{pair['true_name']} -> {pair['predicted_name']} ({pair['attributed_layer']}), "
-            f"{pair['count']}")
+    layer = pair["attributed_layer"]
+    if layer is None:
+        layer = "not distinguishable" if pair["count"] else "-"
+    return f"{pair['true_name']} -> {pair['predicted_name']} ({layer}), {pair['count']}"
 
 
 def _acc(value):
@@ -419,6 +476,31 @@ def evaluate_claims(results: dict, preset: Preset) -> list:
           f"decides), {_percent(a['saving']['measured_saving'])} measured in wall time (shown "
           "only)")
 
+    # Not the paper's: does the flagged choice beat choosing other groups at the same budget?
+    alpha = 0.05
+    for key, text in (("controls", "paper's rule"), ("specific_controls", "specific criterion")):
+        found = e2[key]
+        if found is None:
+            claim(key, f"Layers flagged by the {text} beat every control arm (paired McNemar "
+                  f"p < {alpha} in every treatment seed)", False,
+                  "nothing flagged by the significant rule: no correction to control")
+            continue
+        beaten = [arm for arm, won in found["beats"].items() if won]
+        claim(key, f"Layers flagged by the {text} beat every control arm (paired McNemar "
+              f"p < {alpha} in every treatment seed)",
+              len(beaten) == len(found["beats"]) > 0,
+              f"flagged {', '.join(found['flagged'])}, beat {len(beaten)}/{len(found['beats'])}"
+              + "; " + "; ".join(
+                  f"{arm}: " + " ".join(f"{c['difference']:+d} (p={c['p_value']:.2g})"
+                                        for c in found["comparisons"][arm])
+                  for arm in found["comparisons"]))  # fmt: skip
+    specific = e2["specific_localization"]
+    claim("significant", f"The specific criterion's significant rule (Holm, alpha {alpha}) "
+          "flags at least one group", bool(specific["problem_layers"]),
+          f"flagged {', '.join(specific['problem_layers']) or 'none'}; smallest Holm p "
+          + _smallest(specific["adjusted_p_values"]) + f" over {specific['num_cells']} cells of "
+          f"{specific['num_errors']} errors")
+
     adam = e3["overlap"]["sgd_adam"]
     claim("invariance", "SGD and Adam models get the same 3 flagged layers (overlap 3/3)",
           len(adam["intersection"]) == 3 and len(adam["a"]) == 3 and len(adam["b"]) == 3,
@@ -444,6 +526,14 @@ def evaluate_claims(results: dict, preset: Preset) -> list:
     claim("hybrid", f"Hybrid-mid reaches the top threshold ({top}; paper: 95%) first",
           held, ", ".join(f"{m} {_epoch(e)}" for m, e in reach.items()))
     return claims
+
+
+def _smallest(p_values: dict) -> str:
+    known = {g: p for g, p in p_values.items() if p is not None}
+    if not known:
+        return "n/a"
+    group = min(known, key=known.get)
+    return f"{known[group]:.3g} ({group})"
 
 
 def _epoch(value):

@@ -169,9 +169,11 @@ def run(args) -> dict | None:
     data = datasets.prepare(arrays, device, preset.train_size, preset.test_size,
                             preset.image_size, seed=0)  # fmt: skip
 
-    # On CPU, torch 2.14's channels_last convolutions corrupted memory for channel counts that
-    # are not multiples of 8 (width 4 and 6 crashed with one thread); every preset's width is.
-    channels_last = device.type == "cuda" or preset.width % 8 == 0
+    # No channels_last on CPU: torch 2.14's channels_last convolutions corrupted memory there,
+    # for channel counts that are not multiples of 8 (width 4 and 6 crashed with one thread)
+    # and, at width 8, in the backward pass of odd batch sizes (3, 5, 7: "corrupted size vs.
+    # prev_size"), which the diagnostics' cells of a few images are.
+    channels_last = device.type == "cuda"
     start = time.perf_counter()
     budget = [args.stop_after_epochs] if args.stop_after_epochs is not None else None
     per_seed = {}

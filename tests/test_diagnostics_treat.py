@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dampopt import iKFAD, physics_momentum
-from dampopt.diagnostics import cosine_schedule, friction_mask, localize, treat
+from dampopt.diagnostics import friction_mask, localize, treat
 
 
 class SmallCNN(nn.Module):

@@ -36,7 +36,7 @@ from data import (  # noqa: E402
 )
 from presets import PRESETS  # noqa: E402
 
-TABLES = [str(i) for i in range(3, 15)]
+TABLES = [*map(str, range(3, 11)), "10b", "10c", *map(str, range(11, 15))]
 FIGURES = ["fig1_lr_momentum.png", "fig2_test_accuracy.png", "fig3_regimes.png",
            "grad_norms.png", "corrections.png", "per_class_A.png"]  # fmt: skip
 METHODS = ["baseline", "1cycle", "physics", "ikfad", "cd", "adam", "hybrid-mid", "hybrid-epoch"]
@@ -154,12 +154,37 @@ def test_ranks_shard_the_same_permutation():
 def test_corrections_fixed_minus_new_is_net(smoke_run):
     _, results, _, _ = smoke_run
     seed = results["per_seed"]["42"]
-    test_size = seed["test_size"]
+    verify_size = seed["experiment_2"]["verify_size"]  # corrections are verified held out
+    assert verify_size + seed["experiment_2"]["localize_size"] == seed["test_size"]
     for key, c in seed["experiment_3"]["corrections"].items():
+        assert c["num_examples"] == verify_size, key
         assert c["fixed"] - c["new"] == c["net"], key
         assert c["errors_before"] - c["errors_after"] == c["net"], key
-        assert c["accuracy_after"] == pytest.approx(1 - c["errors_after"] / test_size), key
+        assert c["accuracy_after"] == pytest.approx(1 - c["errors_after"] / verify_size), key
     assert seed["experiment_3"]["corrections"]["A"] == seed["experiment_2"]["correction"]
+
+
+def test_control_arms_share_the_budget_and_agree_with_their_comparisons(smoke_run):
+    _, results, report, _ = smoke_run
+    e2 = results["per_seed"]["42"]["experiment_2"]
+    controls = e2["controls"]
+    assert controls["flagged"] == e2["correction"]["layers"] == e2["localization"]["problem_layers"]
+    assert controls["seeds"] == [0, 1, 2] and controls["num_examples"] == e2["verify_size"]
+    arms = controls["arms"]
+    assert {"flagged", "random-1", "random-2", "random-3", "all", "largest"} <= set(arms)
+    assert {r["steps"] for r in controls["results"]} == {controls["budget"]["steps"]}
+    by_arm_seed = {(r["arm"], r["seed"]): r for r in controls["results"]}
+    assert len(by_arm_seed) == len(arms) * 3
+    for (arm, _), r in by_arm_seed.items():
+        assert r["fixed"] - r["new"] == r["net"] and r["layers"] == arms[arm]
+    for arm, per_seed in controls["comparisons"].items():
+        for seed, comparison in zip(controls["seeds"], per_seed):
+            flagged, other = by_arm_seed["flagged", seed], by_arm_seed[arm, seed]
+            assert comparison["difference"] == round(
+                (flagged["accuracy"] - other["accuracy"]) * e2["verify_size"])
+        assert controls["beats"][arm] == all(
+            c["difference"] > 0 and c["p_value"] < 0.05 for c in per_seed)
+    assert "## Table 10b:" in report and "| random-1 |" in report
 
 
 def test_errors_are_test_size_minus_correct(smoke_run):
@@ -172,7 +197,11 @@ def test_errors_are_test_size_minus_correct(smoke_run):
         assert summary["final_accuracy"] == pytest.approx(summary["correct"] / test_size), name
     errors = seed["experiment_2"]["errors"]["errors"]
     assert errors["baseline"] == seed["experiment_3"]["trainings"]["baseline"]["errors"]
-    assert seed["experiment_2"]["localization"]["num_errors"] == errors["baseline"]
+    # the baseline's errors: those on the localize half plus those on the verify half
+    e2 = seed["experiment_2"]
+    assert e2["localization"]["num_examples"] == e2["localize_size"]
+    halves = e2["localization"]["num_errors"] + e2["correction"]["errors_before"]
+    assert halves == errors["baseline"]
 
 
 def test_regime_counts_sum_to_epochs(smoke_run):
@@ -474,3 +503,16 @@ def test_resume_refuses_a_run_of_another_preset(tmp_path, data_dir):
         f"error: --resume: {tmp_path} holds a 'quick' run, not 'smoke'; pass the same "
         "--preset or another --out"
     )
+
+
+def test_prepared_images_have_plain_nchw_strides(tmp_path):
+    # A permuted NHWC array has channels-last strides even when is_contiguous() says True (one
+    # channel); torch 2.14's CPU conv backward then corrupted the heap on odd batch sizes.
+    write_synthetic_fashion_mnist(tmp_path, n_train=64, n_test=32)
+    from data import load_fashion_mnist, prepare
+
+    data = prepare(load_fashion_mnist(str(tmp_path), download=False), torch.device("cpu"),
+                   48, 24, 14, seed=0)  # fmt: skip
+    for images in (data.train_images, data.test_images):
+        n, c, h, w = images.shape
+        assert images.stride() == (c * h * w, h * w, w, 1)
