@@ -181,7 +181,7 @@ def corrections_figure(corrections: dict, controls: list, path: Path) -> None:
     ax.bar(x, new, 0.27, label="new errors", color="tab:red")
     ax.bar(x + 0.27, net, 0.27, label="net", color="tab:gray")
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(x, [f"{k}\n{', '.join(corrections[k]['layers']) or 'mask'}" for k in keys],
+    ax.set_xticks(x, [k + "\n" + ("\n".join(corrections[k]["layers"]) or "mask") for k in keys],
                   fontsize=7)  # fmt: skip
     ax.set(ylabel="verify-half images", title="Before/after correction")
     ax.legend(fontsize=8)
