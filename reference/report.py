@@ -152,7 +152,8 @@ def build_tables(results: dict, preset: Preset) -> list:
                 "correct images of one batch), a group's grad norm on the errors over its norm "
                 "on the correct images, relative to the geometric mean of that ratio over the "
                 "groups (1 = the errors pull on it as other images do); geometric mean over "
-                "cells, 95% bootstrap interval, one-sided exact sign-flip p-value, Holm over "
+                "cells, 95% bootstrap interval, one-sided sign-flip p-value (Monte Carlo above 16 "
+                "cells), Holm over "
                 "the 7 groups; flagged by the significant rule when Holm p < "
                 f"{specific['alpha']:g}.",
         "columns": [_column("Grad norm", fmt="float"), _column("Status", fmt="text"),
@@ -169,8 +170,9 @@ def build_tables(results: dict, preset: Preset) -> list:
     tables.append({
         "id": "9", "title": "Most frequent confusion pairs (baseline) with layer attribution",
         "note": "true -> predicted (attributed layer), count. Attributed among the flagged "
-                "groups by specificity; 'not distinguishable' when the two leading groups' 95% "
-                "intervals overlap (the paper names the largest grad norm).",
+                "groups by specificity; 'not distinguishable' unless the leader's paired per-cell "
+                "difference to the runner-up is positive at one-sided p < 0.025 (the paper "
+                "names the largest grad norm).",
         "columns": [_column("Confusion", fmt="text")],
         "rows": [_row(f"#{i + 1}", [PAPER["table9"][i]],
                       [_confusion(pairs[i]) if i < len(pairs) else None]) for i in range(7)],

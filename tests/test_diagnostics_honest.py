@@ -312,6 +312,60 @@ def test_treat_controls_builds_a_loader_per_treatment_from_a_factory(fitted):
     assert built[-1].passes == 2
 
 
+def _orders(loader, logged, seed, epochs=2):
+    logged.reads = []
+    model = nn.Sequential(nn.Linear(10, 4))
+    treat(model, loader, layers=["0"], epochs=epochs, seed=seed)
+    half = len(logged.reads) // epochs
+    return [tuple(logged.reads[i * half:(i + 1) * half]) for i in range(epochs)]
+
+
+@pytest.mark.parametrize("sampler", ["generator", "distributed"])
+def test_a_seed_fixes_the_batch_order_of_samplers_with_their_own_randomness(fitted, sampler):
+    from torch.utils.data import RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    x, y = fitted[1].dataset.tensors
+    logged = _Logged(x, y)
+    if sampler == "generator":
+        own = RandomSampler(logged, generator=torch.Generator().manual_seed(123))
+    else:
+        own = DistributedSampler(logged, num_replicas=1, rank=0, shuffle=True, seed=123)
+    loader = DataLoader(logged, batch_size=64, sampler=own)
+    state = own.generator.get_state() if sampler == "generator" else (own.seed, own.epoch)
+    first, again, other = (_orders(loader, logged, s) for s in (5, 5, 6))
+    assert first == again and first != other  # the seed decides, the same for every arm
+    assert first[0] != first[1]  # and each epoch of a treatment has its own order
+    after = own.generator.get_state() if sampler == "generator" else (own.seed, own.epoch)
+    assert torch.equal(after, state) if sampler == "generator" else after == state
+
+
+def test_treat_controls_with_custom_groups_and_an_arm_equal_to_flagged(fitted):
+    model, train, evaluation = fitted
+    groups = {"early": [*model[0].parameters(), *model[2].parameters()],
+              "head": list(model[4].parameters())}  # fmt: skip
+    where = localize(model, evaluation, groups=groups, rule="topk", k=1)
+    where.problem_layers = ["early"]  # the larger group: "largest" is the flagged arm itself
+    result = treat_controls(model, train, where, evaluation, seeds=(0,), random_draws=1,
+                            epochs=1)  # fmt: skip
+    assert result.skipped == {"largest": "the flagged groups themselves"}
+    assert "largest" not in result.arms and "largest" not in result.comparisons
+    assert result.arms["unflagged"] == ["head"] and result.arms["random-1"] == ["head"]
+    sizes = {r.arm: r.trainable_elements for r in result.results}
+    assert sizes["flagged"] == sum(p.numel() for p in groups["early"])
+    assert sizes["unflagged"] == sum(p.numel() for p in groups["head"])
+    assert "not run: largest" in result.message
+
+
+def test_treat_controls_refuses_a_shuffling_eval_loader(fitted):
+    model, train, evaluation = fitted
+    where = localize(model, evaluation, rule="topk", k=1)
+    shuffled = DataLoader(evaluation.dataset, batch_size=64, shuffle=True)
+    with pytest.raises(ValueError, match="same order on every pass"):
+        treat_controls(model, train, where, shuffled, arms=("flagged", "all"), seeds=(0,),
+                       epochs=1)  # fmt: skip
+
+
 def test_treat_controls_rejects_what_it_cannot_run(fitted):
     model, train, evaluation = fitted
     nothing = localize(model, evaluation, rule="significant",

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 
 from .._distributed import all_reduce_sum_, is_distributed
 from ..physics_sgd import PhysicsSGD
@@ -70,30 +71,55 @@ def train_modes(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def seeded(loader, seed: int | None, device=None):
-    """Run the body with torch's RNG seeded by ``seed``; the caller's RNG state is restored.
+    """Run the body with every source of batch order seeded by ``seed``; all restored after.
 
-    A DataLoader that shuffles without a generator of its own draws its order from torch's
-    global RNG, so every body run under the same seed sees the same batches in the same order
-    (and the same dropout masks on CPU). A loader with its own generator gets that generator's
-    state restored after the body. ``seed=None``: nothing is seeded or restored.
+    Seeded: torch's global RNG (a DataLoader that shuffles without a generator of its own draws
+    its order from it, as does dropout), the loader's own ``generator``, its sampler's
+    ``generator`` (``RandomSampler(generator=...)``), and a ``DistributedSampler``'s seed (its
+    epoch is set per epoch by :func:`treat`). Every body run under the same seed therefore sees
+    the same batches in the same order, which is what makes two treatments a paired
+    comparison. The caller's RNG states (CPU and every initialised CUDA device), generators and
+    sampler seed/epoch are restored after. ``seed=None``: nothing is seeded; only a
+    DistributedSampler's epoch is restored.
     """
-    if seed is None:
-        yield
+    sampler = getattr(loader, "sampler", None)
+    distributed = sampler if isinstance(sampler, DistributedSampler) else None
+    if seed is None:  # only the sampler's epoch (treat sets it per epoch) is restored
+        saved_epoch = distributed.epoch if distributed is not None else None
+        try:
+            yield
+        finally:
+            if distributed is not None:
+                distributed.epoch = saved_epoch
         return
-    generator = getattr(loader, "generator", None)
-    saved = generator.get_state() if isinstance(generator, torch.Generator) else None
-    devices = []
-    if device is not None and torch.device(device).type == "cuda":
-        devices = [torch.device(device)]
+    generators = []
+    for owner in (loader, getattr(loader, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generators.append((generator, generator.get_state()))
+    saved_sampler = (distributed.seed, distributed.epoch) if distributed is not None else None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            if saved is not None:
+            for generator, _ in generators:
                 generator.manual_seed(seed)
+            if distributed is not None:
+                distributed.seed = seed
             yield
     finally:
-        if saved is not None:
-            generator.set_state(saved)
+        for generator, state in generators:
+            generator.set_state(state)
+        if distributed is not None:
+            distributed.seed, distributed.epoch = saved_sampler
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """``DistributedSampler.set_epoch``, so that each epoch of a treatment has its own order."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
 
 
 def progress_bar(iterable, enabled, description: str, total=None):

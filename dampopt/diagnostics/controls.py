@@ -11,6 +11,9 @@ lr, optimizer and, per seed, the same batch order), the flagged groups and contr
 - ``"all"``: every group;
 - ``"largest"``: as many groups as flagged, the ones with the most parameters.
 
+An arm whose groups are the flagged ones (e.g. "largest" when the flagged groups are the
+largest) would repeat the flagged treatment; it is not run and is listed in ``skipped``.
+
 Each arm is verified on ``eval_loader`` (use examples the localization did not see:
 :func:`split_halves`) against the untreated model, and the flagged model is compared with each
 control of the same seed by the exact paired McNemar test (:func:`compare_treatments`).
@@ -28,6 +31,7 @@ from torch.utils.data import Subset
 
 from . import _data
 from ._report import Report, format_value, markdown_table
+from .groups import resolve_groups
 from .localize import Localization
 from .treat import treat
 from .verify import compare_treatments, predict, verify
@@ -82,6 +86,7 @@ class ControlledTreatment(Report):
 
     flagged: list
     arms: dict  # {arm: its groups}
+    skipped: dict  # {arm: why it was not run} (e.g. "largest" are the flagged groups)
     seeds: list
     num_examples: int
     accuracy_before: float
@@ -181,18 +186,24 @@ def treat_controls(
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     model = _data.unwrap(model)
     make_loader = callable(train_loader) and not isinstance(train_loader, Iterable)
-    chosen = _arm_layers(localization, arms, random_draws)
+    chosen, skipped = _arm_layers(localization, arms, random_draws)
 
     labels, before = predict(model, eval_loader, device)
     accuracy_before = float((before == labels).double().mean())
+    groups = _groups_of(model, localization)
     results, predictions, budget = [], {}, None
     for seed in seeds:
         for arm, layers in chosen.items():
             loader = train_loader(seed) if make_loader else train_loader
-            corrected, report = treat(model, loader, layers=layers, seed=seed,
-                                      device=device, **treat_kwargs)  # fmt: skip
-            _, after = predict(corrected, eval_loader, device)
+            corrected, report = treat(model, loader, layers={g: groups[g] for g in layers},
+                                      seed=seed, device=device, **treat_kwargs)  # fmt: skip
+            seen, after = predict(corrected, eval_loader, device)
             del corrected
+            if not torch.equal(seen, labels):
+                raise ValueError(
+                    "eval_loader must yield the same examples in the same order on every pass "
+                    "(a fixed-order loader, e.g. shuffle=False): the comparisons are paired"
+                )
             check = verify(labels, before, after)
             predictions[arm, seed] = after
             results.append(ArmResult(
@@ -227,7 +238,7 @@ def treat_controls(
             "trainable_elements": mine[0].trainable_elements,
         }
     outcome = ControlledTreatment(
-        flagged=list(localization.problem_layers), arms=chosen, seeds=seeds,
+        flagged=list(localization.problem_layers), arms=chosen, skipped=skipped, seeds=seeds,
         num_examples=labels.numel(), accuracy_before=accuracy_before, budget=budget,
         results=results, comparisons=comparisons, summary=summary, alpha=float(alpha),
         message="",
@@ -263,7 +274,19 @@ def _arm_layers(localization: Localization, arms, random_draws: int) -> dict:
     if "largest" in arms:
         by_size = sorted(every, key=lambda g: localization.group_sizes[g], reverse=True)[:k]
         chosen["largest"] = [g for g in every if g in by_size]
-    return chosen
+    # an arm with the flagged groups themselves would be the flagged treatment again
+    skipped = {arm: "the flagged groups themselves" for arm, layers in chosen.items()
+               if arm != "flagged" and set(layers) == set(flagged)}  # fmt: skip
+    return {arm: layers for arm, layers in chosen.items() if arm not in skipped}, skipped
+
+
+def _groups_of(model, localization: Localization) -> dict:
+    """``{group: [parameters of model]}`` for the localization's groups (names or a dict)."""
+    stored = localization.groups or {}
+    owned = {id(p) for p in model.parameters()}
+    if stored and all(id(p) in owned for ps in stored.values() for p in ps):
+        return stored
+    return resolve_groups(model, list(localization.group_sizes), argument="localization groups")
 
 
 def _verdict(outcome: ControlledTreatment) -> str:
@@ -273,6 +296,8 @@ def _verdict(outcome: ControlledTreatment) -> str:
         f"flagged groups {', '.join(outcome.flagged)}: net {flagged['net_mean']:+.1f} over "
         f"{len(outcome.seeds)} seed(s) on {outcome.num_examples} examples"
     )
+    if outcome.skipped:
+        head += "; not run: " + ", ".join(f"{a} ({why})" for a, why in outcome.skipped.items())
     if not controls:
         return head + "; no control arm was run"
     beaten = [arm for arm in controls if outcome.beats(arm)]

@@ -7,9 +7,10 @@ the size-free statistic of :func:`localize` (``criterion="specificity"``): per c
 the pair's errors and as many correctly classified examples of the same batch, the ratio of
 each group's gradient norm on the errors to its norm on the correct examples, over the
 geometric mean of that ratio across groups; the geometric mean over cells, with a 95%
-bootstrap interval. When the intervals of the two leading candidate
-groups overlap, the pair is "not distinguishable" and no group is named. The feature
-interpretation ("texture", "shape") is the reader's.
+bootstrap interval. The pair is attributed to the leading candidate only when the leader's
+minus the runner-up's per-cell value (paired: both come from the same cells) is positive by
+the sign-flip test at one-sided p < 0.025; otherwise it is "not distinguishable" and no group
+is named. The feature interpretation ("texture", "shape") is the reader's.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ConfusionPair(Report):
     grad_norms: dict  # {candidate: ||gradient of the mean loss on this pair's errors||_2}
     specificity: dict  # {candidate: size-free ratio (geometric mean over cells) or None}
     intervals: dict  # {candidate: 95% bootstrap interval or None}
-    distinguishable: bool  # the leading candidate's interval is clear of the runner-up's
+    distinguishable: bool  # leader minus runner-up, paired over cells: one-sided p < 0.025
     leading: list  # the (up to) two candidates with the largest specificity
     cells: int
 
@@ -144,13 +145,14 @@ def diagnose(
         for name, rows in zip(candidates, candidate_rows):
             norms[name] = math.sqrt(sum(float(sums[i].double().pow(2).sum()) for i in rows))
             norms[name] /= max(count, 1)
-        values, intervals, _ = _stats.effect_summary(d, everything, seed, ratio=True)
-        values = {name: values[name] for name in candidates}
-        intervals = {name: intervals[name] for name in candidates}
+        columns = [everything.index(name) for name in candidates]
+        values, intervals, _ = _stats.effect_summary(d[:, columns] if len(d) else d,
+                                                     candidates, seed, ratio=True,
+                                                     with_p=False)  # fmt: skip
         ranked = sorted((name for name in candidates if values[name] is not None),
                         key=lambda name: values[name], reverse=True)  # fmt: skip
         leading = ranked[:2]
-        clear = _distinguishable(leading, intervals, len(candidates))
+        clear = _distinguishable(leading, d, everything, len(candidates), seed)
         layer = leading[0] if count and clear else None
         pairs.append(ConfusionPair(t, p, count, names(t), names(p), layer, norms, values,
                                    intervals, clear, leading, len(d)))  # fmt: skip
@@ -158,20 +160,23 @@ def diagnose(
     message = (
         f"top {len(pairs)} confusion pairs of {localization.num_errors} errors, attributed among "
         f"{', '.join(candidates)} by specificity; {unclear} not distinguishable (the two leading "
-        "groups' 95% intervals overlap)"
+        "groups' paired difference not positive at one-sided p < 0.025)"
     )
     return Diagnosis(pairs, candidates, localization.num_errors, message)
 
 
-def _distinguishable(leading, intervals, num_candidates) -> bool:
+def _distinguishable(leading, d, groups, num_candidates, seed) -> bool:
+    """The leader's specificity is above the runner-up's: the sign-flip test of their paired
+    per-cell difference (both come from the same cells) gives one-sided p < 0.025, the level of
+    a 95% two-sided interval. Exact for few cells, where a bootstrap interval is too narrow
+    (two cells of the same sign would exclude 0); with n cells p >= 2**-n, so it needs >= 6."""
     if num_candidates == 1:
         return len(leading) == 1
     if len(leading) < 2:
         return False
-    first, second = intervals[leading[0]], intervals[leading[1]]
-    if first is None or second is None:
-        return False
-    return first[0] > second[1] * (1 + 1e-9)  # equal up to rounding is not clear
+    first, second = (groups.index(name) for name in leading)
+    p = _stats.sign_flip_p(d[:, first] - d[:, second], seed)
+    return p is not None and p < 0.025
 
 
 def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, progress):
@@ -196,7 +201,6 @@ def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, 
             offset += len(labels)
             real = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
             right = ((preds == labels) & real).nonzero().flatten()
-            right = right[torch.randperm(len(right), generator=generator).to(device)]
             for (t, p), index in pair_index.items():
                 rows = ((labels == t) & (preds == p) & real).nonzero().flatten()
                 if len(rows) == 0:
@@ -204,11 +208,14 @@ def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, 
                 rows = rows[torch.randperm(len(rows), generator=generator).to(device)]
                 counts[index] += len(rows)
                 paired = min(len(rows), len(right))
+                # this pair's references: disjoint slices of one fresh shuffle of the batch's
+                # correct examples, so that no reference is in two of the pair's cells
+                refs = right[torch.randperm(len(right), generator=generator)[:paired].to(device)]
                 start = 0
                 for size in _stats.split_evenly(paired, cells_per_batch) if paired else []:
-                    refs = right[torch.randperm(len(right), generator=generator)[:size].to(device)]
-                    for chosen, store, add in ((rows[start:start + size], cell_f, True),
-                                               (refs, cell_r, False)):  # fmt: skip
+                    cell = slice(start, start + size)
+                    for chosen, store, add in ((rows[cell], cell_f, True),
+                                               (refs[cell], cell_r, False)):  # fmt: skip
                         grads = _data.sum_gradients(model, inputs, labels, chosen, params)
                         if add:
                             for total, grad in zip(sums[index], grads):

@@ -456,8 +456,10 @@ def localize(
     references' loss
     drop after the probe, each example's drop centred on its mean over groups (probe).
     Exchanging a cell's failures and references negates ``d``, so under the null "the failures
-    pull on this group no more than other examples do" it is symmetric around 0 and the
-    sign-flip test of its mean is exact. Extra memory: cells x groups numbers (plus, for the
+    pull on this group no more than other examples do", taken as "a cell's failures and
+    references are exchangeable", it is symmetric around 0 and the sign-flip test of its mean
+    is exact (as for failures drawn at random); for the weaker null of a zero mean it is
+    approximate, and good with many cells. Extra memory: cells x groups numbers (plus, for the
     probe, the failure and reference inputs and one model copy at a time).
 
     Indices (``error_indices``): dataset indices when the loader's order is reproducible

@@ -16,6 +16,7 @@ running statistics) are left as they were too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ._surgery import (
     momentum_of,
     progress_bar,
     seeded,
+    set_epoch,
     step_cosine,
     synchronize,
     train_modes,
@@ -215,8 +217,9 @@ def treat(
     ticks = iter(bar)
     synchronize(device)
     start = time.perf_counter()
-    with seeded(loader, seed, device):
-        for _ in range(epochs):
+    with seeded(loader, seed, device), contextlib.closing(_Closable(bar)):
+        for epoch in range(epochs):
+            set_epoch(loader, epoch)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             count = 0
             for n, batch in enumerate(loader):
@@ -237,8 +240,6 @@ def treat(
             losses.append(float(totals[0] / totals[1]))
     synchronize(device)
     wall = time.perf_counter() - start
-    if hasattr(bar, "close"):
-        bar.close()
 
     for name, p in corrected.named_parameters():
         p.requires_grad_(flags[name])
@@ -263,6 +264,17 @@ def treat(
         wall=wall,
     )
     return corrected, report
+
+
+class _Closable:
+    """Closes a tqdm bar (or does nothing for a plain iterable), also when training raises."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def close(self) -> None:
+        if hasattr(self.bar, "close"):
+            self.bar.close()
 
 
 def _trainable(model, names, layers, mask):
