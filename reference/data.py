@@ -177,6 +177,16 @@ class DeviceData:
     test_labels: torch.Tensor
     classes: tuple
     source: str
+    mean: torch.Tensor | None = None  # per-channel [1, C, 1, 1]: images = (x01 - mean) / std
+    std: torch.Tensor | None = None
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized images back to [0, 1] pixel values."""
+        return images * self.std + self.mean
+
+    def from_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixel values normalized as this data's images are."""
+        return (images - self.mean) / self.std
 
     @property
     def in_channels(self) -> int:
@@ -231,6 +241,8 @@ def prepare(
         test_labels=torch.from_numpy(test_y).to(device),
         classes=tuple(arrays["classes"]),
         source=arrays["source"],
+        mean=mean,
+        std=std,
     )
 
 
