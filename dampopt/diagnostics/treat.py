@@ -171,10 +171,11 @@ def treat(
             elastic weight consolidation, not a Fisher-weighted one.
         weight_decay: L2 coupling passed to the optimizer (untrained elements are unaffected).
         device: where the copy trains (default: the model's device).
-        seed: if given, the treatment runs with torch's RNG seeded by it (and the loader's own
-            generator, if it has one, reseeded), the caller's RNG state restored after: a
-            shuffling DataLoader then yields the same batch order for the same seed, which is
-            what makes two treatments a paired comparison.
+        seed: if given, the treatment runs with torch's RNG, the loader's and its sampler's
+            own generators and a DistributedSampler's seed all set from it (and restored
+            after): a shuffling loader then yields the same batches for the same seed, which
+            is what makes two treatments a paired comparison. A DistributedSampler gets
+            ``set_epoch(e)`` for each epoch either way (its epoch is restored after).
         progress: a tqdm bar over the steps; None: when stderr is a terminal.
 
     Returns:
