@@ -74,3 +74,20 @@ def check_gradients(params_with_grad) -> None:
                 "dampopt optimizers do not support complex parameters or gradients; "
                 f"got dtype {grad.dtype} for a parameter of shape {tuple(param.shape)}"
             )
+
+
+def check_seed(value, name: str = "seed", allow_none: bool = False):
+    """An int seed (None too where that means "not seeded")."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int or None" if allow_none else "an int"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_level(value, name: str = "alpha") -> float:
+    """A significance level: a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)

@@ -52,13 +52,15 @@ class UsageError(Exception):
     """A problem with the command line or the environment, reported in one line."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_arguments(description: str, seeds: list, out_default: str) -> argparse.ArgumentParser:
+    """The options reproduce_paper.py and surgical_benchmark.py share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default="quick", help="quick (default), smoke or paper")
-    parser.add_argument("--out", help="output directory (default: runs/<timestamp>)")
+    parser.add_argument("--out", help=f"output directory (default: {out_default})")
     parser.add_argument("--data-dir", help="directory with the dataset files")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="default: 42")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
+                        help="default: " + " ".join(map(str, seeds)))  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out (default: the newest runs/*)")
     parser.add_argument("--no-download", action="store_true",
@@ -66,9 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's, one per core); 1 is "
                              "much faster when other jobs share the cores")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = common_arguments(__doc__.split("\n")[0], [42], "runs/<timestamp>")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step (worth it on GPU)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Testing only: simulate an interruption after this many training epochs in total.
     parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

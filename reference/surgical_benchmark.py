@@ -54,6 +54,7 @@ from presets import PRESETS  # noqa: E402
 from reproduce_paper import (  # noqa: E402
     UsageError,
     choose_device,
+    common_arguments,
     environment,
     load_arrays,
     write_atomically,
@@ -73,17 +74,7 @@ SMOKE_SHIFTS = ("noise-1", "labels-1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="quick", help="quick (default), smoke or paper")
-    parser.add_argument("--out", help="output directory (default: runs/bench-<timestamp>)")
-    parser.add_argument("--data-dir", help="directory with the dataset files")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44],
-                        help="default: 42 43 44")  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--no-download", action="store_true", help="never download")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser = common_arguments(__doc__.split("\n")[0], [42, 43, 44], "runs/bench-<timestamp>")
     return parser.parse_args(argv)
 
 
@@ -420,8 +411,15 @@ def run(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = choose_device(args.device)
-    out = Path(args.out) if args.out else Path("runs") / (
-        "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if args.out:
+        out = Path(args.out)
+    elif args.resume:
+        previous = sorted(p for p in Path("runs").glob("bench-*") if p.is_dir())
+        if not previous:
+            raise UsageError("--resume: no previous run under runs/bench-*; pass --out DIR")
+        out = previous[-1]  # timestamps sort in time order
+    else:
+        out = Path("runs") / ("bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     arrays = load_arrays(preset, args.data_dir, not args.no_download)
     data = datasets.prepare(arrays, device, preset.train_size, preset.test_size,

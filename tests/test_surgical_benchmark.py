@@ -128,12 +128,10 @@ def test_smoke_run_writes_the_report(tmp_path):
     data = tmp_path / "data"
     write_synthetic_fashion_mnist(data)
     out = tmp_path / "bench"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "reference" / "surgical_benchmark.py"), "--preset", "smoke",
-         "--seeds", "42", "--out", str(out), "--data-dir", str(data), "--no-download",
-         "--no-progress", "--threads", "1"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    command = [sys.executable, str(ROOT / "reference" / "surgical_benchmark.py"), "--preset",
+               "smoke", "--seeds", "42", "--out", str(out), "--data-dir", str(data),
+               "--no-download", "--no-progress", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
@@ -148,3 +146,10 @@ def test_smoke_run_writes_the_report(tmp_path):
         assert (out / "figures" / f"{name}.png").exists()
     assert "Lee et al.'s pattern" in report and "| noise-1 |" in report
     assert "aim" in done.stdout
+    # --resume reuses the source model and every finished shift: the same numbers
+    for name in bench.SMOKE_SHIFTS:
+        assert (out / "checkpoints" / "seed42" / f"shift-{name}.pt").exists()
+    again = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["summary"] == results["summary"]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
+from .._validation import check_level, check_seed
 from . import _data
 from ._report import Report, format_value, markdown_table
 from .groups import resolve_groups
@@ -50,12 +51,8 @@ def split_halves(dataset, seed: int = 0, fraction: float = 0.5) -> tuple:
         n = len(dataset)
     except TypeError:
         raise TypeError("dataset must have a len() (a map-style dataset)") from None
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-        0 < fraction < 1
-    ):
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    fraction = check_level(fraction, "fraction")
+    check_seed(seed)
     first = round(fraction * n)
     if first < 1 or first > n - 1:
         raise ValueError(f"cannot split {n} examples into two non-empty parts at {fraction}")
@@ -182,8 +179,7 @@ def treat_controls(
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    check_level(alpha)
     model = _data.unwrap(model)
     make_loader = callable(train_loader) and not isinstance(train_loader, Iterable)
     chosen, skipped = _arm_layers(localization, arms, random_draws)

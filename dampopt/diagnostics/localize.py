@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .._distributed import all_gather_objects, all_reduce_sum_, is_distributed
+from .._validation import check_level, check_seed
 from . import _data, _stats
 from ._report import PRIVATE, Report, format_interval, markdown_table
 from ._surgery import progress_bar
@@ -59,8 +60,7 @@ def select_problem_layers(
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+    check_level(alpha)
     ranking = sorted(values, key=lambda name: values[name], reverse=True)
     if not ranking or all(values[name] == 0 for name in ranking):
         return []
@@ -477,8 +477,7 @@ def localize(
         )
     if loader is None and criterion != "friction":
         raise ValueError(f"loader is required for criterion={criterion!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     if criterion == "probe":
         from .probe import check_probe_arguments
 

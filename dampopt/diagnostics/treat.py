@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._distributed import all_reduce_sum_
-from .._validation import check_learning_rate, check_non_negative
+from .._validation import check_learning_rate, check_non_negative, check_seed
 from . import _data
 from ._report import Report, markdown_table
 from ._surgery import (
@@ -192,8 +192,7 @@ def treat(
     ewc = check_non_negative("ewc", ewc)
     weight_decay = check_non_negative("weight_decay", weight_decay)
     check_optimizer(optimizer)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    check_seed(seed, allow_none=True)
     try:
         steps_per_epoch = len(loader)
     except TypeError:
