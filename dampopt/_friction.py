@@ -24,7 +24,12 @@ from collections import defaultdict
 import torch
 
 from ._distributed import local_tensor
-from ._state import load_state_dict_keeping_state_dtype, state_dtype
+from ._state import (
+    check_state_dict,
+    check_state_shapes,
+    load_state_dict_keeping_state_dtype,
+    state_dtype,
+)
 from ._validation import check_gradients, check_learning_rate, check_non_negative
 
 BACKENDS = ("auto", "torch", "loop", "triton", "compiled")
@@ -53,6 +58,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
     kernel_name: str = ""
     #: whether the update returns the per-tensor sum of a state (iKFAD's friction)
     returns_sums: bool = False
+    extra_state_names: tuple = ()  # per-parameter state besides state_names (not param-shaped)
 
     @staticmethod
     def update(param, grad, *state, lr, weight_decay, **hyperparameters):
@@ -87,6 +93,11 @@ class FrictionOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict) -> None:
+        # everything is checked before anything is stored
+        check_state_dict(self, state_dict,
+                         required=("lr", "weight_decay", "backend", *self.hyperparameter_checks),
+                         defaults={}, param_state=self.state_names,
+                         extra_state=self.extra_state_names)  # fmt: skip
         load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
 
     def hyperparameters(self, group: dict) -> dict:
@@ -128,6 +139,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
                 loss = closure()
 
         # Validate every group before changing any: no half-updated optimizer.
+        check_state_shapes(self, self.state_names)
         for group in self.param_groups:
             check_learning_rate(group["lr"], allow_zero=True)
             check_gradients(p for p in group["params"] if p.grad is not None)

@@ -14,8 +14,11 @@ import torch
 
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        if value.numel() != 1:  # torch.optim raises ValueError for a tensor lr too
+            raise ValueError(
+                f"{name} must be a number or a 1-element tensor, got a tensor of shape "
+                f"{tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -91,3 +94,11 @@ def check_level(value, name: str = "alpha") -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return float(value)
+
+
+def check_finite(name: str, value) -> float:
+    """A finite real number (or a 1-element tensor holding one)."""
+    value = _as_float(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

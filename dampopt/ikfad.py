@@ -115,6 +115,7 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
     }
     kernel_name = "ikfad"
     returns_sums = True
+    extra_state_names = ("friction_sum", "friction_sum_total", "friction_steps")
     update = staticmethod(ikfad_update)
     update_foreach = staticmethod(ikfad_update_foreach)
 

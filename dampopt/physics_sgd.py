@@ -30,8 +30,9 @@ import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
 from ._distributed import is_dtensor
-from ._state import load_state_dict_keeping_state_dtype
+from ._state import check_state_dict, check_state_shapes, load_state_dict_keeping_state_dtype
 from ._validation import (
+    check_finite,
     check_gradients,
     check_learning_rate,
     check_momentum_bounds,
@@ -40,6 +41,11 @@ from ._validation import (
 from .momentum import classify_regime, critical_momentum, physics_momentum
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# param-group keys a PhysicsSGD state dict must have, and those older ones may lack
+_GROUP_REQUIRED = ("lr", "mu_min", "mu_max", "curvature", "switch_momentum", "dampening",
+                   "weight_decay")  # fmt: skip
+_GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "fused": None,
+                   "switched_at": None, "step": 0}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         ):
             raise ValueError(f"switch_step must be an int >= 0 or None, got {switch_step!r}")
         if switch_metric is not None:
-            switch_metric = float(switch_metric)
+            switch_metric = check_finite("switch_metric", switch_metric)
         if fused and foreach:
             raise RuntimeError("`foreach` and `fused` cannot both be True")
         defaults = dict(
@@ -132,9 +138,9 @@ class PhysicsSGD(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("switched_at", None)
-            group.setdefault("step", 0)
+        for group in self.param_groups:  # older or partial state dicts: torch SGD's defaults
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict) -> None:
         if "lr" in param_group:
@@ -181,8 +187,9 @@ class PhysicsSGD(torch.optim.Optimizer):
 
         Returns True if the optimizer is switched after this call.
         """
+        value = check_finite("observe(value)", value)
         if self.switch_metric is not None and self.switched_at is None:
-            if float(value) >= self.switch_metric:
+            if value >= self.switch_metric:
                 self.switch()
         return self.switched_at is not None
 
@@ -192,7 +199,15 @@ class PhysicsSGD(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict) -> None:
+        # everything is checked before anything is stored
+        check_state_dict(self, state_dict, required=_GROUP_REQUIRED, defaults=_GROUP_DEFAULTS,
+                         param_state=("momentum_buffer",))  # fmt: skip
         hybrid = state_dict.get("hybrid")
+        if hybrid is not None:
+            if not isinstance(hybrid, dict) or set(hybrid) != {"switch_step", "switch_metric"}:
+                raise ValueError("state dict 'hybrid' must hold switch_step and switch_metric")
+            if hybrid["switch_metric"] is not None:
+                check_finite("hybrid switch_metric", hybrid["switch_metric"])
         load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
         if hybrid is not None:
             self.switch_step = hybrid["switch_step"]
@@ -238,6 +253,7 @@ class PhysicsSGD(torch.optim.Optimizer):
                 loss = closure()
 
         # Validate everything before anything changes: no half-updated optimizer.
+        check_state_shapes(self, ("momentum_buffer",))
         for group in self.param_groups:
             check_learning_rate(group["lr"], allow_zero=True)
             check_gradients(p for p in group["params"] if p.grad is not None)

@@ -38,7 +38,16 @@ def _layer_names(name, value) -> list:
         value = value.problem_layers
     if isinstance(value, str):
         raise TypeError(f"{name} must be a collection of layer names, not one string")
-    return list(dict.fromkeys(value))
+    try:
+        names = list(dict.fromkeys(value))
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a collection of layer names or a Localization, got "
+            f"{type(value).__name__}"
+        ) from None
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{name} must hold layer names (str)")
+    return names
 
 
 def compare_layers(a, b) -> LayerComparison:

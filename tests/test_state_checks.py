@@ -1,0 +1,172 @@
+"""State dicts and hand-changed state are checked before anything changes (issue 12, part 1)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dampopt
+from dampopt.diagnostics import compare_layers
+
+
+def _model(shape=(6, 4)):
+    torch.manual_seed(0)
+    return nn.Linear(*shape)
+
+
+def _stepped(optimizer_cls, model, steps=2, **kwargs):
+    optimizer = optimizer_cls(model.parameters(), **kwargs)
+    x, y = torch.randn(16, model.in_features), torch.randint(0, model.out_features, (16,))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return optimizer
+
+
+def _snapshot(optimizer):
+    return copy.deepcopy(optimizer.state_dict())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+OTHERS = [
+    (dampopt.PhysicsSGD, dict(lr=0.1), torch.optim.SGD, dict(lr=0.1, momentum=0.9), "mu_min"),
+    (dampopt.iKFAD, {}, torch.optim.Adam, dict(lr=1e-3), "backend"),
+    (dampopt.CADAM, {}, dampopt.iKFAD, {}, "'c'"),
+    (dampopt.CubicDampedSGD, {}, dampopt.PhysicsSGD, dict(lr=0.1), "backend"),
+]
+
+
+@pytest.mark.parametrize(("target", "kwargs", "source", "source_kwargs", "missing"), OTHERS,
+                         ids=lambda v: getattr(v, "__name__", None))  # fmt: skip
+def test_a_state_dict_of_another_optimizer_is_refused_before_anything_is_stored(
+    target, kwargs, source, source_kwargs, missing
+):
+    optimizer = _stepped(target, _model(), **kwargs)
+    before = _snapshot(optimizer)
+    other = _stepped(source, _model(), **source_kwargs).state_dict()
+    with pytest.raises(ValueError, match=f"lacks.*{missing}.*not a {target.__name__} state dict"):
+        optimizer.load_state_dict(other)
+    assert _same(optimizer.state_dict(), before)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_of_other_shapes_is_refused_not_loaded(fused):
+    # Linear(6, 4) and Linear(4, 6) have the same parameter count per tensor list
+    optimizer = _stepped(dampopt.PhysicsSGD, _model((6, 4)), lr=0.1, fused=fused)
+    before = _snapshot(optimizer)
+    other = _stepped(dampopt.PhysicsSGD, _model((4, 6)), lr=0.1).state_dict()
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter 0 has shape \(6, 4\)"):
+        optimizer.load_state_dict(other)
+    assert _same(optimizer.state_dict(), before)
+    friction = _stepped(dampopt.iKFAD, _model((6, 4)))
+    with pytest.raises(ValueError, match="has shape"):
+        friction.load_state_dict(_stepped(dampopt.iKFAD, _model((4, 6))).state_dict())
+
+
+def test_unknown_state_entries_and_group_counts_are_refused():
+    optimizer = _stepped(dampopt.PhysicsSGD, _model(), lr=0.1)
+    state = optimizer.state_dict()
+    bad = copy.deepcopy(state)
+    bad["state"][0]["exp_avg"] = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"entries \['exp_avg'\]"):
+        optimizer.load_state_dict(bad)
+    bad = copy.deepcopy(state)
+    bad["param_groups"].append(copy.deepcopy(bad["param_groups"][0]))
+    with pytest.raises(ValueError, match="2 param groups"):
+        optimizer.load_state_dict(bad)
+    with pytest.raises(ValueError, match="'state' and 'param_groups'"):
+        optimizer.load_state_dict({"state": {}})
+    bad = copy.deepcopy(state)
+    bad["hybrid"] = {"switch_step": None}
+    with pytest.raises(ValueError, match="hybrid"):
+        optimizer.load_state_dict(bad)
+
+
+def test_an_older_physics_sgd_state_dict_gets_torchs_defaults():
+    full = _stepped(dampopt.PhysicsSGD, _model(), lr=0.1)
+    partial = copy.deepcopy(full.state_dict())
+    for group in partial["param_groups"]:
+        for key in ("foreach", "fused", "maximize", "nesterov"):
+            del group[key]
+    model = _model()
+    resumed = dampopt.PhysicsSGD(model.parameters(), lr=0.1)
+    resumed.load_state_dict(partial)
+    group = resumed.param_groups[0]
+    assert (group["foreach"], group["fused"], group["maximize"], group["nesterov"]) == (
+        None, None, False, False)  # fmt: skip
+    reference_model = _model()
+    reference = dampopt.PhysicsSGD(reference_model.parameters(), lr=0.1)
+    reference.load_state_dict(full.state_dict())
+    for m, opt in ((model, resumed), (reference_model, reference)):
+        m.weight.grad = torch.ones_like(m.weight)
+        m.bias.grad = torch.ones_like(m.bias)
+        opt.step()
+    assert torch.equal(model.weight, reference_model.weight)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "name"), [
+    (dampopt.PhysicsSGD, dict(lr=0.1), "momentum_buffer"),
+    (dampopt.CubicDampedSGD, dict(backend="loop"), "momentum"),
+    (dampopt.CubicDampedSGD, dict(backend="torch"), "momentum"),
+    (dampopt.iKFAD, dict(backend="torch"), "friction"),
+], ids=["physics", "cd-loop", "cd-torch", "ikfad-torch"])  # fmt: skip
+def test_step_refuses_state_changed_by_hand_before_any_update(cls, kwargs, name):
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    optimizer = cls(model.parameters(), **kwargs)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    last = list(model.parameters())[-1]
+    optimizer.state[last][name] = torch.zeros(7)  # the last tensor's state, by hand
+    params = [p.detach().clone() for p in model.parameters()]
+    states = _snapshot(optimizer)
+    with pytest.raises(ValueError, match=f"state '{name}' has shape \\(7,\\)"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert _same(optimizer.state_dict(), states)
+
+
+def test_switch_metric_and_observe_validate_their_values():
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TypeError, match="switch_metric must be a real number"):
+        dampopt.PhysicsSGD(params, lr=0.1, switch_metric="0.9")
+    with pytest.raises(ValueError, match="switch_metric must be finite"):
+        dampopt.PhysicsSGD(params, lr=0.1, switch_metric=math.nan)
+    optimizer = dampopt.PhysicsSGD(params, lr=0.1, switch_metric=0.9)
+    with pytest.raises(TypeError, match=r"observe\(value\) must be a real number"):
+        optimizer.observe("0.95")
+    with pytest.raises(ValueError, match=r"observe\(value\) must be a number or a 1-element"):
+        optimizer.observe(torch.tensor([0.9, 0.95]))
+    with pytest.raises(ValueError, match=r"observe\(value\) must be finite"):
+        optimizer.observe(math.nan)
+    assert optimizer.switched_at is None
+    assert optimizer.observe(torch.tensor(0.95)) and optimizer.switched_at == 0
+
+
+def test_a_tensor_lr_of_several_elements_is_a_value_error_as_in_torch():
+    params = [nn.Parameter(torch.zeros(2))]
+    for cls in (dampopt.PhysicsSGD, dampopt.iKFAD):
+        with pytest.raises(ValueError, match="lr must be a number or a 1-element tensor"):
+            cls(params, lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="1-element"):
+        torch.optim.SGD(params, lr=torch.tensor([0.1, 0.2]))  # torch's own behaviour
+
+
+def test_compare_layers_names_a_bad_argument():
+    with pytest.raises(TypeError, match="b must be a collection of layer names"):
+        compare_layers(["layer1"], None)
+    with pytest.raises(TypeError, match="a must hold layer names"):
+        compare_layers([1, 2], ["layer1"])
