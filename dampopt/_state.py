@@ -14,9 +14,10 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 def load_state_dict_keeping_state_dtype(optimizer, state_dict, load) -> None:
     """Run torch's ``load`` and then undo its cast of floating state to the param's dtype.
 
-    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
-    parameter's dtype, which would turn the fp32 state of a bf16 parameter into bf16 on every
-    resume. The saved values are put back in :func:`state_dtype` instead.
+    ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's
+    floating dtype, which would turn the fp32 state of a bf16 parameter into bf16 on every
+    resume (and an integer counter into a float). The saved values are put back in
+    :func:`state_dtype`, integer ones in their own dtype, instead.
     """
     saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
     saved_state = state_dict["state"]
@@ -29,12 +30,13 @@ def load_state_dict_keeping_state_dtype(optimizer, state_dict, load) -> None:
         target = state_dtype(param)
         for key, value in saved.items():
             current = state.get(key)
+            # floating state back to fp32 (or fp64); integer state (iKFAD's step counter),
+            # which torch casts to the parameter's floating dtype too, back to its own dtype
             if (
                 torch.is_tensor(value)
-                and value.is_floating_point()
                 and torch.is_tensor(current)
                 and current.dtype != value.dtype
-                and value.dtype == target
+                and (value.dtype == target or not value.is_floating_point())
             ):
                 state[key] = value.to(device=current.device)
                 if state[key] is value:  # never alias the caller's state_dict

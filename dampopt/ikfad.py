@@ -137,7 +137,8 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
         dtype = state["friction"].dtype
         state["friction_sum"] = shard_accumulator(param, dtype)  # sum of xi after the last step
         state["friction_sum_total"] = shard_accumulator(param, dtype)  # added up over steps
-        state["friction_steps"] = 0
+        # a tensor, as all state is (torch's generic optimizer tests and checkpointers assume so)
+        state["friction_steps"] = torch.zeros((), dtype=torch.int64)
 
     def _record_sums(self, params, sums) -> None:
         # Two foreach ops for the whole bucket: per-tensor ops would be two launches per tensor.
@@ -149,6 +150,12 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
             state["friction_steps"] += 1
         torch._foreach_copy_(lasts, [s.reshape(last.shape) for s, last in zip(sums, lasts)])
         torch._foreach_add_(totals, lasts)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # state dicts from before friction_steps was a tensor
+            if isinstance(state.get("friction_steps"), int):
+                state["friction_steps"] = torch.tensor(state["friction_steps"], dtype=torch.int64)
 
     def friction(self, param: torch.Tensor) -> torch.Tensor:
         """The per-element friction xi of ``param`` (zeros before its first step).
@@ -199,7 +206,7 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
         for key, param, total in zip(keys, params, totals):
             numel = param.numel()  # a DTensor's numel is its global size
             state = self.state.get(param)
-            steps = state["friction_steps"] if state else 0
+            steps = int(state["friction_steps"]) if state else 0
             last, accumulated = total
             summary[key] = FrictionStats(
                 numel=numel,

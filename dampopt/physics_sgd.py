@@ -29,6 +29,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
+try:  # torch's check behind its "fused=True requires ..." message
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+except ImportError:  # pragma: no cover - older torch: the fused kernel raises itself
+
+    def _device_dtype_check_for_fused(p, cuda_unsupported=False):
+        return None
+
 from ._distributed import is_dtensor
 from ._state import check_state_dict, check_state_shapes, load_state_dict_keeping_state_dtype
 from ._validation import (
@@ -257,6 +264,10 @@ class PhysicsSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             check_learning_rate(group["lr"], allow_zero=True)
             check_gradients(p for p in group["params"] if p.grad is not None)
+            if group["fused"]:
+                for p in group["params"]:
+                    if p.grad is not None and not is_dtensor(p):
+                        _device_dtype_check_for_fused(p)  # torch's own message, before any update
             if group["fused"] and any(is_dtensor(p) for p in group["params"]):
                 raise RuntimeError(
                     "PhysicsSGD(fused=True) cannot step DTensor (FSDP2) parameters: torch's "

@@ -170,3 +170,27 @@ def test_compare_layers_names_a_bad_argument():
         compare_layers(["layer1"], None)
     with pytest.raises(TypeError, match="a must hold layer names"):
         compare_layers([1, 2], ["layer1"])
+
+
+def test_ikfad_state_holds_tensors_only_and_reads_older_int_step_counters():
+    optimizer = _stepped(dampopt.iKFAD, _model(), steps=3)
+    for state in optimizer.state.values():
+        assert all(torch.is_tensor(v) for v in state.values())
+        assert state["friction_steps"].dtype == torch.int64 and int(state["friction_steps"]) == 3
+    older = copy.deepcopy(optimizer.state_dict())
+    for state in older["state"].values():
+        state["friction_steps"] = int(state["friction_steps"])  # as saved before it was a tensor
+    resumed = dampopt.iKFAD(_model().parameters())
+    resumed.load_state_dict(older)
+    assert all(torch.equal(s["friction_steps"], torch.tensor(3)) for s in resumed.state.values())
+    assert {s.steps for s in resumed.friction_summary().values()} == {3}
+
+
+def test_fused_physics_sgd_refuses_tensors_the_fused_kernel_cannot_take_before_any_update():
+    ok = nn.Parameter(torch.ones(3))
+    meta = nn.Parameter(torch.zeros(3, device="meta"))
+    optimizer = dampopt.PhysicsSGD([ok, meta], lr=0.1, fused=True)
+    ok.grad, meta.grad = torch.ones(3), torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match="fused=True. requires all the params"):
+        optimizer.step()
+    assert torch.equal(ok, torch.ones(3)) and not optimizer.state
