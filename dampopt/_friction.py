@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 
+from . import _nonfinite
 from ._distributed import local_tensor
 from ._state import (
     check_state_dict,
@@ -47,6 +48,9 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+_GROUP_DEFAULTS = {"nonfinite": None}  # older state dicts lack it
+
+
 class FrictionOptimizer(torch.optim.Optimizer):
     """Base class: subclasses set the class attributes below and the two update functions."""
 
@@ -68,7 +72,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
     def update_foreach(params, grads, *states, lr, weight_decay, **hyperparameters):
         raise NotImplementedError
 
-    def __init__(self, params, lr, weight_decay, backend, **hyperparameters):
+    def __init__(self, params, lr, weight_decay, backend, nonfinite=None, **hyperparameters):
         lr = check_learning_rate(lr)
         weight_decay = check_non_negative("weight_decay", weight_decay)
         backend = check_backend(backend)
@@ -76,8 +80,15 @@ class FrictionOptimizer(torch.optim.Optimizer):
             name: self.hyperparameter_checks[name](name, value)
             for name, value in hyperparameters.items()
         }
-        defaults = dict(lr=lr, weight_decay=weight_decay, backend=backend, **checked)
+        defaults = dict(lr=lr, weight_decay=weight_decay, backend=backend,
+                        nonfinite=_nonfinite.check_mode(nonfinite), **checked)  # fmt: skip
         super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts from before nonfinite= existed
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict) -> None:
         # Check a new group's own values before the base class stores anything.
@@ -87,6 +98,8 @@ class FrictionOptimizer(torch.optim.Optimizer):
             check_non_negative("weight_decay", param_group["weight_decay"])
         if "backend" in param_group:
             check_backend(param_group["backend"])
+        if "nonfinite" in param_group:
+            _nonfinite.check_mode(param_group["nonfinite"])
         for name, check in self.hyperparameter_checks.items():
             if name in param_group:
                 check(name, param_group[name])
@@ -96,7 +109,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
         # everything is checked before anything is stored
         check_state_dict(self, state_dict,
                          required=("lr", "weight_decay", "backend", *self.hyperparameter_checks),
-                         defaults={}, param_state=self.state_names,
+                         defaults=_GROUP_DEFAULTS, param_state=self.state_names,
                          extra_state=self.extra_state_names)  # fmt: skip
         load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
 
@@ -151,6 +164,9 @@ class FrictionOptimizer(torch.optim.Optimizer):
 
                     # dtype and layout problems surface here, not after other buckets moved
                     check_arrays([local_tensor(p)], [local_tensor(p.grad)], [])
+
+        if _nonfinite.handle(self):  # nonfinite="skip" and a NaN/inf gradient
+            return loss
 
         for group in self.param_groups:
             params, grads, states = self._gather(group)

@@ -78,6 +78,8 @@ class CADAM(FrictionOptimizer):
         eps: added to ``sqrt(zeta)`` (>= 0).
         weight_decay: coupled L2 added to the gradient (>= 0).
         backend: "auto" | "torch" | "loop" | "triton" | "compiled".
+        nonfinite: None (torch's behaviour), "raise" or "skip" a step with a NaN/inf gradient
+            (see :mod:`dampopt._nonfinite`).
     """
 
     state_names = ("momentum", "second_moment")
@@ -101,5 +103,8 @@ class CADAM(FrictionOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        nonfinite: str | None = None,
     ):
-        super().__init__(params, lr, weight_decay, backend, gamma=gamma, c=c, alpha=alpha, eps=eps)
+        super().__init__(
+            params, lr, weight_decay, backend, nonfinite, gamma=gamma, c=c, alpha=alpha, eps=eps
+        )

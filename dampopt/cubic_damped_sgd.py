@@ -62,6 +62,8 @@ class CubicDampedSGD(FrictionOptimizer):
         c: cubic damping coefficient (>= 0).
         weight_decay: coupled L2 added to the gradient (>= 0).
         backend: "auto" | "torch" | "loop" | "triton" | "compiled".
+        nonfinite: None (torch's behaviour), "raise" or "skip" a step with a NaN/inf gradient
+            (see :mod:`dampopt._nonfinite`).
     """
 
     state_names = ("momentum",)
@@ -78,5 +80,8 @@ class CubicDampedSGD(FrictionOptimizer):
         c: float = 56814.47,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        nonfinite: str | None = None,
     ):
-        super().__init__(params, lr, weight_decay, backend, gamma=gamma, c=c)
+        super().__init__(
+            params, lr, weight_decay, backend, nonfinite, gamma=gamma, c=c
+        )

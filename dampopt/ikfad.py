@@ -105,6 +105,8 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
         mu: friction mass of the thermostat (> 0); not a momentum coefficient.
         weight_decay: coupled L2 added to the gradient (>= 0).
         backend: "auto" | "torch" | "loop" | "triton" | "compiled".
+        nonfinite: None (torch's behaviour), "raise" or "skip" a step with a NaN/inf gradient
+            (see :mod:`dampopt._nonfinite`).
     """
 
     state_names = ("momentum", "friction")
@@ -128,8 +130,11 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
         mu: float = 1.87,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        nonfinite: str | None = None,
     ):
-        super().__init__(params, lr, weight_decay, backend, gamma=gamma, alpha=alpha, mu=mu)
+        super().__init__(
+            params, lr, weight_decay, backend, nonfinite, gamma=gamma, alpha=alpha, mu=mu
+        )
 
     def _init_state(self, param, state):
         super()._init_state(param, state)

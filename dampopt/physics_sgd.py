@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - older torch: the fused kernel raises i
     def _device_dtype_check_for_fused(p, cuda_unsupported=False):
         return None
 
+from . import _nonfinite
 from ._distributed import is_dtensor
 from ._state import check_state_dict, check_state_shapes, load_state_dict_keeping_state_dtype
 from ._validation import (
@@ -52,7 +53,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GROUP_REQUIRED = ("lr", "mu_min", "mu_max", "curvature", "switch_momentum", "dampening",
                    "weight_decay")  # fmt: skip
 _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "fused": None,
-                   "switched_at": None, "step": 0}  # fmt: skip
+                   "switched_at": None, "step": 0, "nonfinite": None}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class PhysicsSGD(torch.optim.Optimizer):
         dampening, weight_decay, nesterov, maximize, foreach, fused: as torch.optim.SGD.
         switch_step: switch to ``momentum`` at this optimizer step count (None: never).
         switch_metric: switch once ``observe(value)`` sees ``value >= switch_metric``.
+        nonfinite: None (torch's behaviour: a NaN/inf gradient is applied), "raise" (a
+            ValueError naming the parameter, nothing changed) or "skip" (the step is skipped
+            and counted in each group's ``"nonfinite_skips"``, present from the first skip).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         switch_metric: float | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        nonfinite: str | None = None,
     ):
         lr = check_learning_rate(lr)
         momentum = check_non_negative("momentum", momentum)
@@ -133,6 +138,7 @@ class PhysicsSGD(torch.optim.Optimizer):
             fused=fused,
             switched_at=None,
             step=0,
+            nonfinite=_nonfinite.check_mode(nonfinite),
         )
         self.switch_step = switch_step
         self.switch_metric = switch_metric
@@ -273,6 +279,9 @@ class PhysicsSGD(torch.optim.Optimizer):
                     "PhysicsSGD(fused=True) cannot step DTensor (FSDP2) parameters: torch's "
                     "fused SGD kernel has no DTensor rule; use the default (foreach) path"
                 )
+
+        if _nonfinite.handle(self):  # nonfinite="skip" and a NaN/inf gradient
+            return loss
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

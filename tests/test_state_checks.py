@@ -99,7 +99,7 @@ def test_an_older_physics_sgd_state_dict_gets_torchs_defaults():
     full = _stepped(dampopt.PhysicsSGD, _model(), lr=0.1)
     partial = copy.deepcopy(full.state_dict())
     for group in partial["param_groups"]:
-        for key in ("foreach", "fused", "maximize", "nesterov"):
+        for key in ("foreach", "fused", "maximize", "nesterov", "nonfinite"):
             del group[key]
     model = _model()
     resumed = dampopt.PhysicsSGD(model.parameters(), lr=0.1)
@@ -194,3 +194,54 @@ def test_fused_physics_sgd_refuses_tensors_the_fused_kernel_cannot_take_before_a
     with pytest.raises(RuntimeError, match="fused=True. requires all the params"):
         optimizer.step()
     assert torch.equal(ok, torch.ones(3)) and not optimizer.state
+
+
+NONFINITE = [
+    (dampopt.PhysicsSGD, dict(lr=0.1)),
+    (dampopt.PhysicsSGD, dict(lr=0.1, fused=True)),
+    (dampopt.iKFAD, dict(backend="torch")),
+    (dampopt.CubicDampedSGD, dict(backend="loop")),
+    (dampopt.CADAM, dict(backend="torch")),
+]
+
+
+def _nan_step(cls, kwargs, mode):
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    optimizer = cls(model.parameters(), nonfinite=mode, **kwargs)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()  # one finite step, so there is state to protect
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[1].bias.grad[0] = math.nan  # one NaN in one gradient
+    return model, optimizer
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), NONFINITE,
+                         ids=["physics", "physics-fused", "ikfad", "cd", "cadam"])  # fmt: skip
+def test_nonfinite_raise_and_skip_leave_everything_as_it_was(cls, kwargs):
+    model, optimizer = _nan_step(cls, kwargs, "raise")
+    params = [p.detach().clone() for p in model.parameters()]
+    states = _snapshot(optimizer)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[3\] \(shape \(3,\)\)"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert _same(optimizer.state_dict(), states)
+
+    model, optimizer = _nan_step(cls, kwargs, "skip")
+    params = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert optimizer.param_groups[0]["nonfinite_skips"] == 1
+    model[1].bias.grad.zero_()  # finite again: the next step updates
+    optimizer.step()
+    assert not torch.equal(params[0], model[0].weight)
+    resumed = cls(model.parameters(), **kwargs)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed.param_groups[0]["nonfinite"] == "skip"  # the mode travels in the state dict
+
+    model, optimizer = _nan_step(cls, kwargs, None)  # default: torch's behaviour, NaN spreads
+    optimizer.step()
+    assert torch.isnan(model[1].bias).any()
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        cls(model.parameters(), nonfinite="ignore", **kwargs)
