@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +65,24 @@ class DataUnavailable(RuntimeError):
 def read_idx(path: Path) -> np.ndarray:
     """An idx(.gz) file as a numpy array: magic ``0 0 dtype ndim``, big-endian dims, data."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    except (OSError, EOFError, zlib.error, struct.error) as error:
+        raise DataUnavailable(
+            f"{path} cannot be read ({type(error).__name__}: {error}); it is damaged or "
+            "truncated: reinstall it (e.g. apt-get install --reinstall dataset-fashion-mnist) "
+            "or pass --data-dir with good copies"
+        ) from None
     if zero != 0 or dtype_code not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise DataUnavailable(f"{path} is not an unsigned-byte idx file")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, file holds {data.size} values")
+        raise DataUnavailable(
+            f"{path}: header says {shape}, file holds {data.size} values (truncated?)"
+        )
     return data.reshape(shape)
 
 
@@ -105,6 +115,13 @@ def load_fashion_mnist(data_dir: str | None, download: bool = True) -> dict:
     if directory is None:
         directory = _download_fashion_mnist(data_dir)
     arrays = {key: read_idx(directory / name) for key, name in FASHION_MNIST_FILES.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise DataUnavailable(
+                f"{directory}: the {split} images file holds {len(images)} images but its labels "
+                f"file {len(labels)} labels; the files do not belong together"
+            )
     return {
         "train_images": arrays["train_images"][..., None],
         "train_labels": arrays["train_labels"].astype(np.int64),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import files
 import torch
 from data import DeviceData, TensorLoader
 from models import LAYER_GROUPS, build_model
@@ -220,7 +221,7 @@ def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: 
     """
     cache = lab.settings.checkpoint_dir / f"correction-{name}.pt"
     if lab.settings.resume and cache.exists():
-        return torch.load(cache, weights_only=False)["result"]
+        return files.load(cache)["result"]
     loader = lab.train_loader()
     corrected, treatment = diagnostics.treat(
         model, loader, layers=layers, mask=mask, epochs=lab.preset.correction_epochs,
@@ -253,7 +254,7 @@ def correct(lab: Lab, name: str, model, before: torch.Tensor, training_seconds: 
         "saving": saving.to_dict(),
     }
     if lab.rank == 0:
-        torch.save({"result": result}, cache)
+        files.save({"result": result}, cache)
     return result
 
 
@@ -269,7 +270,7 @@ def controls(lab: Lab, name: str, model, localization) -> dict:
     """
     cache = lab.settings.checkpoint_dir / f"controls-{name}.pt"
     if lab.settings.resume and cache.exists():
-        return torch.load(cache, weights_only=False)["result"]
+        return files.load(cache)["result"]
     outcome = diagnostics.treat_controls(
         model, lambda seed: lab.train_loader(seed=seed), localization, lab.verify_loader(),
         seeds=lab.preset.control_seeds, random_draws=lab.preset.random_draws,
@@ -280,7 +281,7 @@ def controls(lab: Lab, name: str, model, localization) -> dict:
     result["beats"] = {arm: outcome.beats(arm) for arm in outcome.comparisons}
     result["markdown"] = outcome.to_markdown()
     if lab.rank == 0:
-        torch.save({"result": result}, cache)
+        files.save({"result": result}, cache)
     return result
 
 

@@ -19,9 +19,9 @@ correction figures are the first seed's. Every caption says which seeds it shows
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import files
 import matplotlib
 
 matplotlib.use("Agg")
@@ -71,10 +71,11 @@ def _curve(ax, epochs, curves, color, label, **style) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    temporary = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(temporary, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(temporary, path)
+    try:
+        with files.atomic_path(path) as temporary:
+            fig.savefig(temporary, dpi=110, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
 
 
 def figure_1(runs: list, path: Path) -> None:

@@ -37,6 +37,7 @@ sys.path.insert(1, str(HERE.parent))  # dampopt from this checkout when it is no
 import data as datasets  # noqa: E402
 import experiments  # noqa: E402
 import figures  # noqa: E402
+import files  # noqa: E402
 import report  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -96,6 +97,8 @@ def choose_device(name: str) -> torch.device:
 def output_directory(args) -> Path:
     if args.out:
         out = Path(args.out)
+        if args.resume and not out.is_dir():
+            raise UsageError(f"--resume: {out} does not exist; there is no run to continue")
     elif args.resume:
         previous = sorted(p for p in Path("runs").glob("*") if p.is_dir())
         if not previous:
@@ -144,14 +147,7 @@ def load_arrays(preset, data_dir, download: bool):
 
 def write_atomically(path: Path, text: str) -> None:
     """Write a file so that readers see the old one or the whole new one, never a part."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-        temporary = f.name
-    # NamedTemporaryFile creates 0600 files; a report is an ordinary file (0666 minus umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
+    files.write_text(path, text)
 
 
 def run(args) -> dict | None:
@@ -310,7 +306,7 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except datasets.DataUnavailable as error:
+    except (datasets.DataUnavailable, files.FileProblem) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except Interrupted:

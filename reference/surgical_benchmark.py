@@ -46,6 +46,7 @@ sys.path.insert(1, str(HERE.parent))
 
 import data as datasets  # noqa: E402
 import experiments  # noqa: E402
+import files  # noqa: E402
 import shifts as shift_builders  # noqa: E402
 import torch  # noqa: E402
 from data import TensorLoader, epoch_seed  # noqa: E402
@@ -225,7 +226,7 @@ def run_seed(preset, data, settings, shifts, progress=False) -> dict:
     for k, shift in enumerate(shifts):
         cache = settings.checkpoint_dir / f"shift-{shift.name}.pt"
         if settings.resume and cache.exists():
-            results[shift.name] = torch.load(cache, weights_only=False)
+            results[shift.name] = files.load(cache)
             continue
         images, labels = shift_builders.apply(shift, unit, data.test_labels,
                                               seed=epoch_seed(settings.seed, k, SHIFT_STREAM))
@@ -255,7 +256,7 @@ def run_seed(preset, data, settings, shifts, progress=False) -> dict:
             "oracle_seconds": sum(arm["seconds"] for arm in arms.values()),
             "localizers": found, "scores": scores,
         }  # fmt: skip
-        torch.save(results[shift.name], cache)
+        files.save(results[shift.name], cache)
         if progress:
             best = max(gains, key=gains.get)
             print(f"seed {settings.seed} {shift.name}: source {source_accuracy:.1%}, best "
@@ -400,7 +401,8 @@ def write_figures(summary: dict, shifts, directory: Path) -> None:
                title=f"{sh.name}: oracle gain per group; markers: each localizer's top group")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(directory / f"{sh.name}.png", dpi=110)
+        with files.atomic_path(directory / f"{sh.name}.png") as temporary:
+            fig.savefig(temporary, dpi=110, format="png")
         plt.close(fig)
 
 
@@ -413,6 +415,8 @@ def run(args) -> dict:
     device = choose_device(args.device)
     if args.out:
         out = Path(args.out)
+        if args.resume and not out.is_dir():
+            raise UsageError(f"--resume: {out} does not exist; there is no run to continue")
     elif args.resume:
         previous = sorted(p for p in Path("runs").glob("bench-*") if p.is_dir())
         if not previous:
@@ -457,7 +461,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         results = run(args)
-    except (UsageError, datasets.DataUnavailable) as error:
+    except (UsageError, datasets.DataUnavailable, files.FileProblem) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
     aim = results["summary"]["aim"]

@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import files
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -197,7 +197,7 @@ def train(recipe: Recipe, model: nn.Module, data: DeviceData, settings: Settings
     run = TrainingRun(recipe, model, optimizer)
     checkpoint = settings.checkpoint_dir / f"{recipe.name}.pt"
     if settings.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=settings.device, weights_only=False)
+        state = files.load(checkpoint, map_location=settings.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         run.log = [EpochLog(**row) for row in state["log"]]
@@ -301,18 +301,14 @@ def _save_checkpoint(run: TrainingRun, path: Path, rank: int) -> None:
             "optimizer": run.optimizer.state_dict(),
             "log": [asdict(row) for row in run.log],
         }
-        temporary = path.with_suffix(".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        files.save(state, path)
     _barrier()
 
 
 def write_csv(path: Path, log: list) -> None:
     """The per-epoch log as CSV (written whole each epoch, via a temporary file)."""
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w", newline="") as f:
+    with files.atomic_path(path) as temporary, open(temporary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(log[0])))
         writer.writeheader()
         for row in log:
             writer.writerow(asdict(row))
-    os.replace(temporary, path)

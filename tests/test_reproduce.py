@@ -516,3 +516,67 @@ def test_prepared_images_have_plain_nchw_strides(tmp_path):
     for images in (data.train_images, data.test_images):
         n, c, h, w = images.shape
         assert images.stride() == (c * h * w, h * w, w, 1)
+
+
+# -- damaged files, full disks, a resume of nothing ---------------------------------------------
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
+    import files
+
+    path = tmp_path / "baseline.pt"
+    files.save({"model": {"w": torch.ones(3)}}, path)
+    path.write_bytes(path.read_bytes()[:40])  # truncated, as by a crash or a full disk
+    with pytest.raises(files.FileProblem, match=r"baseline.pt is damaged .*delete it.*--resume"):
+        files.load(path)
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    import files
+
+    path = tmp_path / "cache.pt"
+    files.save({"result": 1}, path)
+
+    def full(obj, target):
+        Path(target).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.torch, "save", full)
+    with pytest.raises(files.FileProblem, match=r"no space left on device while writing .*cache"):
+        files.save({"result": 2}, path)
+    monkeypatch.undo()
+    assert files.load(path) == {"result": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt"]
+
+
+def test_damaged_or_mismatched_data_files_are_clear_errors(tmp_path):
+    write_synthetic_fashion_mnist(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    good = labels.read_bytes()
+    labels.write_bytes(good[: len(good) // 2])  # a truncated gzip file
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "reference" / "reproduce_paper.py"), "--preset", "smoke",
+         "--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "train-labels-idx1-ubyte.gz" in done.stderr and "damaged" in done.stderr
+    write_idx(labels, np.zeros(10, dtype=np.uint8))  # readable, but 10 labels for 1024 images
+    from data import DataUnavailable, load_fashion_mnist
+
+    with pytest.raises(DataUnavailable, match="1024 images but its labels file 10 labels"):
+        load_fashion_mnist(str(tmp_path), download=False)
+
+
+def test_resume_of_a_directory_that_does_not_exist_is_an_error(tmp_path):
+    for script in ("reproduce_paper.py", "surgical_benchmark.py"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "reference" / script), "--preset", "smoke", "--resume",
+             "--out", str(tmp_path / "nothing-here")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, (script, done.stderr[-500:])
+        assert "does not exist; there is no run to continue" in done.stderr
+        assert not (tmp_path / "nothing-here").exists()
