@@ -143,6 +143,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         self.switch_step = switch_step
         self.switch_metric = switch_metric
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(PhysicsSGD._add_hybrid, prepend=True)
         if fused:
             # GradScaler hands scale and found_inf to the fused kernel instead of unscaling.
             self._step_supports_amp_scaling = True
@@ -151,6 +152,9 @@ class PhysicsSGD(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if PhysicsSGD._add_hybrid not in self._optimizer_state_dict_post_hooks.values():
+            # pickle and deepcopy carry no hooks: the state dict's "hybrid" entry comes back
+            self.register_state_dict_post_hook(PhysicsSGD._add_hybrid, prepend=True)
         for group in self.param_groups:  # older or partial state dicts: torch SGD's defaults
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -206,10 +210,11 @@ class PhysicsSGD(torch.optim.Optimizer):
                 self.switch()
         return self.switched_at is not None
 
-    def state_dict(self):
-        state = super().state_dict()
-        state["hybrid"] = {"switch_step": self.switch_step, "switch_metric": self.switch_metric}
-        return state
+    @staticmethod
+    def _add_hybrid(optimizer, state_dict) -> None:
+        # A state_dict post-hook, registered first, so that every user post-hook sees it too.
+        state_dict["hybrid"] = {"switch_step": optimizer.switch_step,
+                                "switch_metric": optimizer.switch_metric}  # fmt: skip
 
     def load_state_dict(self, state_dict) -> None:
         # everything is checked before anything is stored
