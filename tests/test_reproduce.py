@@ -580,3 +580,57 @@ def test_resume_of_a_directory_that_does_not_exist_is_an_error(tmp_path):
         assert done.returncode == 2, (script, done.stderr[-500:])
         assert "does not exist; there is no run to continue" in done.stderr
         assert not (tmp_path / "nothing-here").exists()
+
+
+# A run whose writes fail with ENOSPC from the k-th checkpoint on: as a disk filling up.
+_FULL_DISK = """
+import errno, sys
+sys.path.insert(0, {reference!r})
+import files
+import reproduce_paper
+calls = [0]
+real = files.torch.save
+def save(obj, target):
+    calls[0] += 1
+    if calls[0] >= {after}:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real(obj, target)
+files.torch.save = save
+sys.exit(reproduce_paper.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_stops_the_run_resumably(smoke_run, data_dir, tmp_path):
+    _, uninterrupted, _, _ = smoke_run
+    script = _FULL_DISK.format(reference=str(ROOT / "reference"), after=12)
+    full = subprocess.run(
+        [sys.executable, "-c", script, "--preset", "smoke", "--threads", "1", "--no-progress",
+         "--no-download", "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"},
+    )  # fmt: skip
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert "no space left on device while writing" in full.stderr and ".pt" in full.stderr
+    assert not list(tmp_path.rglob("*.tmp"))  # no half-written temporary left behind
+    reproduce("--data-dir", data_dir, "--out", tmp_path, "--resume")  # space freed
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert _without_timings(resumed["per_seed"]) == _without_timings(uninterrupted["per_seed"])
+
+
+def test_a_run_killed_at_a_random_moment_resumes_to_the_same_results(smoke_run, data_dir,
+                                                                      tmp_path):  # fmt: skip
+    import random
+    import signal
+    import time
+
+    _, uninterrupted, _, _ = smoke_run
+    command = [sys.executable, str(SCRIPT), "--preset", "smoke", "--threads", "1",
+               "--no-progress", "--no-download", "--data-dir", str(data_dir), "--out",
+               str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})  # fmt: skip
+    time.sleep(random.Random(7).uniform(4, 14))  # somewhere inside the trainings
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    reproduce("--data-dir", data_dir, "--out", tmp_path, "--resume")
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert _without_timings(resumed["per_seed"]) == _without_timings(uninterrupted["per_seed"])

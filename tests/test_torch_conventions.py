@@ -165,3 +165,22 @@ def test_multi_tensor_paths_equal_the_for_loop(fast, loop):
     _train(fast_model, fast_opt, 5)
     _train(loop_model, loop_opt, 5)
     assert torch.allclose(_flat(fast_model), _flat(loop_model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_older_state_dict_without_newer_keys_loads_and_resumes_identically(name):
+    model, optimizer = _build(name)
+    _train(model, optimizer, 2)
+    older = copy.deepcopy(optimizer.state_dict())
+    for group in older["param_groups"]:
+        group.pop("nonfinite")  # keys added since 0.1.0 get their defaults
+        if isinstance(optimizer, dampopt.PhysicsSGD):
+            for key in ("foreach", "fused", "maximize"):
+                group.pop(key)
+    resumed_model = copy.deepcopy(model)
+    resumed = type(optimizer)(resumed_model.parameters(), **CONFIGS[name][1])
+    resumed.load_state_dict(older)
+    assert resumed.param_groups[0]["nonfinite"] is None
+    _train(model, optimizer, 2, start=2)
+    _train(resumed_model, resumed, 2, start=2)
+    assert torch.equal(_flat(model), _flat(resumed_model))
