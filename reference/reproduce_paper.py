@@ -94,18 +94,19 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
-def output_directory(args) -> Path:
+def output_directory(args, prefix: str = "") -> Path:
+    """``--out``, or with ``--resume`` the newest ``runs/<prefix><timestamp>``, or a new one."""
     if args.out:
         out = Path(args.out)
         if args.resume and not out.is_dir():
             raise UsageError(f"--resume: {out} does not exist; there is no run to continue")
     elif args.resume:
-        previous = sorted(p for p in Path("runs").glob("*") if p.is_dir())
+        previous = sorted(p for p in Path("runs").glob(f"{prefix}[0-9]*") if p.is_dir())
         if not previous:
-            raise UsageError("--resume: no previous run under runs/; pass --out DIR")
+            raise UsageError(f"--resume: no previous run under runs/{prefix}*; pass --out DIR")
         out = previous[-1]  # timestamps sort in time order
     else:
-        out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / (prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out):

@@ -29,7 +29,6 @@ shift), checkpoints/ (the source models and each finished shift, for ``--resume`
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -58,6 +57,7 @@ from reproduce_paper import (  # noqa: E402
     common_arguments,
     environment,
     load_arrays,
+    output_directory,
     write_atomically,
 )
 from training import Settings  # noqa: E402
@@ -413,18 +413,7 @@ def run(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = choose_device(args.device)
-    if args.out:
-        out = Path(args.out)
-        if args.resume and not out.is_dir():
-            raise UsageError(f"--resume: {out} does not exist; there is no run to continue")
-    elif args.resume:
-        previous = sorted(p for p in Path("runs").glob("bench-*") if p.is_dir())
-        if not previous:
-            raise UsageError("--resume: no previous run under runs/bench-*; pass --out DIR")
-        out = previous[-1]  # timestamps sort in time order
-    else:
-        out = Path("runs") / ("bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(args, prefix="bench-")
     arrays = load_arrays(preset, args.data_dir, not args.no_download)
     data = datasets.prepare(arrays, device, preset.train_size, preset.test_size,
                             preset.image_size, seed=0)  # fmt: skip
