@@ -29,6 +29,7 @@ from ._state import (
     check_state_dict,
     check_state_shapes,
     load_state_dict_keeping_state_dtype,
+    pre_hooks_applied,
     state_dtype,
 )
 from ._validation import check_gradients, check_learning_rate, check_non_negative
@@ -106,12 +107,14 @@ class FrictionOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict) -> None:
-        # everything is checked before anything is stored
-        check_state_dict(self, state_dict,
-                         required=("lr", "weight_decay", "backend", *self.hyperparameter_checks),
-                         defaults=_GROUP_DEFAULTS, param_state=self.state_names,
-                         extra_state=self.extra_state_names)  # fmt: skip
-        load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
+        # everything is checked, after the user's pre-hooks, before anything is stored
+        with pre_hooks_applied(self, state_dict) as state_dict:
+            check_state_dict(self, state_dict,
+                             required=("lr", "weight_decay", "backend",
+                                       *self.hyperparameter_checks),
+                             defaults=_GROUP_DEFAULTS, param_state=self.state_names,
+                             extra_state=self.extra_state_names)  # fmt: skip
+            load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
 
     def hyperparameters(self, group: dict) -> dict:
         return {name: group[name] for name in self.hyperparameter_checks}

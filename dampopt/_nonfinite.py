@@ -23,29 +23,47 @@ def check_mode(value):
 
 
 def handle(optimizer) -> bool:
-    """Apply each group's mode to its gradients; True when the step is to be skipped."""
+    """Apply each group's mode to its gradients; True when the step is to be skipped.
+
+    Under torch.distributed every rank reduces one count, whatever parameters it holds (also
+    none), so that all ranks raise or skip together.
+    """
+    modes = {group.get("nonfinite") for group in optimizer.param_groups} - {None}
+    if not modes:
+        return False
     checked = [(i, j, p) for i, group in enumerate(optimizer.param_groups)
                if group.get("nonfinite") is not None
                for j, p in enumerate(group["params"]) if p.grad is not None]  # fmt: skip
-    if not checked:
+    by_device = {}
+    for k, (_, _, p) in enumerate(checked):
+        grad = local_tensor(p.grad)
+        by_device.setdefault(grad.device, []).append((k, torch.isfinite(grad).all()))
+    finite = torch.ones(len(checked), dtype=torch.bool)
+    for entries in by_device.values():  # one synchronization per device
+        flags = torch.stack([flag for _, flag in entries]).cpu()
+        for (k, _), flag in zip(entries, flags):
+            finite[k] = flag
+    bad = int((~finite).sum())
+    if is_distributed():
+        device = next(iter(by_device), None) or _default_device()
+        bad = int(all_reduce_sum_(torch.tensor([float(bad)], device=device))[0])
+    if bad == 0:
         return False
-    finite = torch.stack([torch.isfinite(local_tensor(p.grad)).all().cpu() for _, _, p in checked])
-    if is_distributed():  # every rank decides alike, also when only one shard holds the NaN
-        bad = all_reduce_sum_((~finite).double().to(_device(checked)))
-        finite = (bad == 0).cpu()
-    if bool(finite.all()):
-        return False
-    i, j, p = checked[int((~finite).nonzero()[0])]
-    if any(optimizer.param_groups[g]["nonfinite"] == "raise" for g, _, _ in
-           (checked[k] for k in (~finite).nonzero().flatten().tolist())):  # fmt: skip
+    if "raise" in modes:
+        if (~finite).any():
+            i, j, p = checked[int((~finite).nonzero()[0])]
+            where = f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)})"
+        else:
+            where = "a parameter held by another rank"
         raise ValueError(
-            f"non-finite gradient in param_groups[{i}]['params'][{j}] (shape "
-            f"{tuple(p.shape)}); nothing was updated (nonfinite='raise')"
+            f"non-finite gradient in {where}; nothing was updated (nonfinite='raise')"
         )
     for group in optimizer.param_groups:
         group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
     return True
 
 
-def _device(checked):
-    return local_tensor(checked[0][2].grad).device
+def _default_device():
+    import torch.distributed as dist
+
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -3,6 +3,9 @@ checks a state dict passes before anything of it is stored."""
 
 from __future__ import annotations
 
+import contextlib
+from collections import OrderedDict
+
 import torch
 
 
@@ -115,3 +118,22 @@ def check_state_shapes(optimizer, names: tuple) -> None:
                         f"{tuple(value.shape)} but its parameter {tuple(param.shape)} (was the "
                         "state changed by hand?); nothing was updated"
                     )
+
+
+@contextlib.contextmanager
+def pre_hooks_applied(optimizer, state_dict):
+    """Yield ``state_dict`` as the user's load_state_dict pre-hooks leave it, hooks then paused.
+
+    The checks must see what the hooks make of a state dict (a hook may convert an older or
+    foreign one), and torch's load must not run the hooks a second time.
+    """
+    hooks = optimizer._optimizer_load_state_dict_pre_hooks
+    for hook in list(hooks.values()):
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    try:
+        yield state_dict
+    finally:
+        optimizer._optimizer_load_state_dict_pre_hooks = hooks

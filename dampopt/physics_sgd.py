@@ -38,7 +38,12 @@ except ImportError:  # pragma: no cover - older torch: the fused kernel raises i
 
 from . import _nonfinite
 from ._distributed import is_dtensor
-from ._state import check_state_dict, check_state_shapes, load_state_dict_keeping_state_dtype
+from ._state import (
+    check_state_dict,
+    check_state_shapes,
+    load_state_dict_keeping_state_dtype,
+    pre_hooks_applied,
+)
 from ._validation import (
     check_finite,
     check_gradients,
@@ -204,9 +209,10 @@ class PhysicsSGD(torch.optim.Optimizer):
 
         Returns True if the optimizer is switched after this call.
         """
-        value = check_finite("observe(value)", value)
         if self.switch_metric is not None and self.switched_at is None:
-            if value >= self.switch_metric:
+            # checked only where it decides something: a diverged run's NaN after the switch
+            # (or without a switch_metric) stays a no-op, as before
+            if check_finite("observe(value)", value) >= self.switch_metric:
                 self.switch()
         return self.switched_at is not None
 
@@ -217,16 +223,19 @@ class PhysicsSGD(torch.optim.Optimizer):
                                 "switch_metric": optimizer.switch_metric}  # fmt: skip
 
     def load_state_dict(self, state_dict) -> None:
-        # everything is checked before anything is stored
-        check_state_dict(self, state_dict, required=_GROUP_REQUIRED, defaults=_GROUP_DEFAULTS,
-                         param_state=("momentum_buffer",))  # fmt: skip
-        hybrid = state_dict.get("hybrid")
-        if hybrid is not None:
-            if not isinstance(hybrid, dict) or set(hybrid) != {"switch_step", "switch_metric"}:
-                raise ValueError("state dict 'hybrid' must hold switch_step and switch_metric")
-            if hybrid["switch_metric"] is not None:
-                check_finite("hybrid switch_metric", hybrid["switch_metric"])
-        load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
+        # everything is checked, after the user's pre-hooks, before anything is stored
+        with pre_hooks_applied(self, state_dict) as state_dict:
+            check_state_dict(
+                self, state_dict, required=_GROUP_REQUIRED, defaults=_GROUP_DEFAULTS,
+                param_state=("momentum_buffer",),
+            )  # fmt: skip
+            hybrid = state_dict.get("hybrid")
+            if hybrid is not None:
+                if not isinstance(hybrid, dict) or set(hybrid) != {"switch_step", "switch_metric"}:
+                    raise ValueError("state dict 'hybrid' must hold switch_step and switch_metric")
+                if hybrid["switch_metric"] is not None:
+                    check_finite("hybrid switch_metric", hybrid["switch_metric"])
+            load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
         if hybrid is not None:
             self.switch_step = hybrid["switch_step"]
             self.switch_metric = hybrid["switch_metric"]
@@ -285,14 +294,14 @@ class PhysicsSGD(torch.optim.Optimizer):
                     "fused SGD kernel has no DTensor rule; use the default (foreach) path"
                 )
 
-        if _nonfinite.handle(self):  # nonfinite="skip" and a NaN/inf gradient
-            return loss
-
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             # GradScaler found inf/NaN gradients: skip the step entirely, as the unfused path
             # (where GradScaler never calls step) does, so the step count stays honest.
+            return loss
+        # (fused AMP hands over still-scaled grads: their overflows are GradScaler's, above)
+        if grad_scale is None and _nonfinite.handle(self):  # nonfinite="skip", a NaN/inf grad
             return loss
 
         for group in self.param_groups:

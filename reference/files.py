@@ -41,12 +41,13 @@ def atomic_path(path: Path, mode: int | None = 0o666):
             os.umask(umask)
             os.chmod(temporary, mode & ~umask)
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         _remove(temporary)
-        if error.errno == errno.ENOSPC:
+        # torch.save reports a full disk as RuntimeError("... file write failed")
+        if getattr(error, "errno", None) == errno.ENOSPC or "write failed" in str(error):
             raise FileProblem(
-                f"no space left on device while writing {path}; free some space and rerun "
-                "with --resume (finished work is kept)"
+                f"no space left on device while writing {path} ({error}); free some space and "
+                "rerun with --resume (finished work is kept)"
             ) from None
         raise
     except BaseException:
@@ -74,10 +75,15 @@ def load(path: Path, **kwargs):
     """``torch.load`` of a checkpoint or cache this run wrote; a damaged one is a FileProblem."""
     try:
         return torch.load(path, weights_only=False, **kwargs)
-    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, KeyError,
+    except RuntimeError as error:
+        if "PytorchStreamReader" not in str(error) and "zip archive" not in str(error):
+            raise  # not a damaged file (e.g. a CUDA checkpoint on a machine without CUDA)
+        damaged = error
+    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError,
             ValueError) as error:  # fmt: skip
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise FileProblem(
-            f"{path} is damaged ({type(error).__name__}: {first[:120]}); delete it to redo that "
-            "part, or rerun without --resume"
-        ) from None
+        damaged = error
+    first = str(damaged).splitlines()[0] if str(damaged) else type(damaged).__name__
+    raise FileProblem(
+        f"{path} is damaged ({type(damaged).__name__}: {first[:120]}); delete it to redo that "
+        "part, or rerun without --resume"
+    ) from None

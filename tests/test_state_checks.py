@@ -245,3 +245,42 @@ def test_nonfinite_raise_and_skip_leave_everything_as_it_was(cls, kwargs):
     assert torch.isnan(model[1].bias).any()
     with pytest.raises(ValueError, match="nonfinite must be"):
         cls(model.parameters(), nonfinite="ignore", **kwargs)
+
+
+def test_load_pre_hooks_run_before_the_checks():
+    optimizer = _stepped(dampopt.PhysicsSGD, _model(), lr=0.1)
+    older = copy.deepcopy(optimizer.state_dict())
+    older["state"][0]["legacy"] = torch.zeros(4, 6)  # an entry a converter hook removes
+    calls = []
+
+    def convert(opt, state_dict):
+        calls.append("hook")
+        state_dict["state"][0].pop("legacy")
+        return state_dict
+
+    optimizer.register_load_state_dict_pre_hook(convert)
+    optimizer.load_state_dict(older)
+    assert calls == ["hook"]  # run once, before the check that would refuse "legacy"
+
+
+def test_observe_checks_its_value_only_while_it_can_switch():
+    optimizer = dampopt.PhysicsSGD([nn.Parameter(torch.zeros(2))], lr=0.1, switch_metric=0.5)
+    optimizer.observe(0.9)
+    assert optimizer.switched_at == 0
+    assert optimizer.observe(math.nan)  # a diverged run after the switch: a no-op, as before
+    plain = dampopt.PhysicsSGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert not plain.observe(math.nan)
+
+
+def test_fused_amp_overflows_are_gradscalers_not_nonfinite_errors():
+    model = nn.Linear(6, 4)
+    optimizer = dampopt.PhysicsSGD(model.parameters(), lr=0.1, fused=True, nonfinite="raise")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.randn(8, 6)).sum()
+    scaler.scale(loss).backward()
+    model.bias.grad[0] = math.inf  # an fp16-style overflow: GradScaler skips the step
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() < 2.0**16
