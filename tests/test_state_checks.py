@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_torch_conventions import _equal_dicts as _same  # noqa: E402 - one comparison helper
 from torch import nn
 
 import dampopt
@@ -29,16 +30,6 @@ def _stepped(optimizer_cls, model, steps=2, **kwargs):
 
 def _snapshot(optimizer):
     return copy.deepcopy(optimizer.state_dict())
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    return a == b
 
 
 OTHERS = [
