@@ -102,3 +102,13 @@ def check_finite(name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_int(name: str, value, minimum: int = 0, allow_none: bool = False, hint: str = ""):
+    """An int (not a bool) ``>= minimum``; None too where that means "not set"."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {expected}{hint}, got {value!r}")
+    return value

@@ -55,3 +55,13 @@ def classify_regime(mu: float, lr: float, tol: float = 0.05, curvature: float = 
     if delta < -tol:
         return OVERDAMPED
     return CRITICAL
+
+
+def momentum_in_effect(group: dict) -> float | None:
+    """The momentum coefficient a param group runs with now: SGD's (and PhysicsSGD's)
+    ``momentum``, Adam's ``betas[0]``; None for optimizers without one."""
+    if "momentum" in group:
+        return float(group["momentum"])
+    if "betas" in group:
+        return float(group["betas"][0])
+    return None

@@ -47,6 +47,7 @@ from ._state import (
 from ._validation import (
     check_finite,
     check_gradients,
+    check_int,
     check_learning_rate,
     check_momentum_bounds,
     check_non_negative,
@@ -120,10 +121,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         weight_decay = check_non_negative("weight_decay", weight_decay)
         if nesterov and dampening != 0:
             raise ValueError("nesterov momentum requires dampening=0")
-        if switch_step is not None and (
-            isinstance(switch_step, bool) or not isinstance(switch_step, int) or switch_step < 0
-        ):
-            raise ValueError(f"switch_step must be an int >= 0 or None, got {switch_step!r}")
+        check_int("switch_step", switch_step, 0, allow_none=True)
         if switch_metric is not None:
             switch_metric = check_finite("switch_metric", switch_metric)
         if fused and foreach:

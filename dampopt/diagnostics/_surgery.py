@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 from .._distributed import all_reduce_sum_, is_distributed
+from ..momentum import momentum_in_effect
 from ..physics_sgd import PhysicsSGD
 from . import _data
 
@@ -200,12 +201,7 @@ def train_step(model, batch, opt, surgery: Surgery, device) -> tuple[torch.Tenso
 
 
 def momentum_of(opt) -> float | None:
-    group = opt.param_groups[0]
-    if "momentum" in group:
-        return float(group["momentum"])
-    if "betas" in group:
-        return float(group["betas"][0])
-    return None
+    return momentum_in_effect(opt.param_groups[0])
 
 
 def synchronize(device: torch.device) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
-from .._validation import check_level, check_seed
+from .._validation import check_int, check_level, check_seed
 from . import _data
 from ._report import Report, format_value, markdown_table
 from .groups import resolve_groups
@@ -172,8 +172,7 @@ def treat_controls(
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; choose from {ARMS}")
-    if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 0:
-        raise ValueError(f"random_draws must be an int >= 0, got {random_draws!r}")
+    check_int("random_draws", random_draws, 0)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._distributed import all_gather_objects, all_reduce_sum_, is_distributed
+from .._validation import check_int
 from . import _data, _stats
 from ._report import Report, format_interval, markdown_table
 from ._surgery import progress_bar
@@ -109,10 +110,8 @@ def diagnose(
     model = _data.unwrap(model)
     if not isinstance(localization, Localization):
         raise TypeError(f"localization must be a Localization, got {type(localization).__name__}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be an int >= 1, got {top!r}")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
+    check_int("top", top, 1)
+    check_int("blocks", blocks, 1)
     names = _check_class_names(class_names, localization)
     candidates = list(localization.problem_layers) or list(localization.ranking)
     everything = list(localization.ranking)

@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from .._validation import check_int
 from ._data import unwrap
 
 
@@ -66,8 +67,7 @@ def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -
     Shared parameters are listed once. Frozen parameters are included (localize computes their
     gradients anyway; treat decides what trains).
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+    check_int("depth", depth, 1)
     named = _named_parameters(model)
     model = unwrap(model)  # names as the bare module has them, not "module." / "_orig_mod."
     regex = None

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._distributed import all_gather_objects, all_reduce_sum_, is_distributed
-from .._validation import check_level, check_seed
+from .._validation import check_int, check_level, check_seed
 from . import _data, _stats
 from ._report import PRIVATE, Report, format_interval, markdown_table
 from ._surgery import progress_bar
@@ -58,8 +58,7 @@ def select_problem_layers(
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    check_int("k", k, 1)
     check_level(alpha)
     ranking = sorted(values, key=lambda name: values[name], reverse=True)
     if not ranking or all(values[name] == 0 for name in ranking):
@@ -143,8 +142,7 @@ def error_gradients(
         batches = len(loader)
     except TypeError:
         batches = None
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
+    check_int("blocks", blocks, 1)
     cells_per_batch = max(1, math.ceil(blocks / batches)) if batches else 1
     generator = torch.Generator().manual_seed(seed)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._distributed import is_distributed
-from .._validation import check_learning_rate
+from .._validation import check_int, check_learning_rate
 from ..physics_sgd import PhysicsSGD
 from . import _data
 from ._surgery import Surgery, progress_bar, seeded, synchronize, train_modes, train_step
@@ -38,8 +38,7 @@ def check_probe_arguments(loader, steps, lr) -> None:
         raise ValueError(
             "criterion='probe' needs probe_loader= the training loader (the probe trains on it)"
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"probe_steps must be an int >= 1, got {steps!r}")
+    check_int("probe_steps", steps, 1)
     check_learning_rate(lr, "probe_lr")
     if is_distributed():
         raise ValueError("criterion='probe' runs in one process (each rank would probe its own)")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .._validation import check_learning_rate, check_non_negative
-from ..momentum import REGIMES, classify_regime, critical_momentum
+from .._validation import check_int, check_learning_rate, check_non_negative
+from ..momentum import REGIMES, classify_regime, critical_momentum, momentum_in_effect
 from ._report import Report, markdown_table
 
 
@@ -22,8 +22,7 @@ def cosine_schedule(lr_max: float, lr_min: float, epochs: int) -> list[float]:
     """
     lr_max = check_learning_rate(lr_max, "lr_max")
     lr_min = check_learning_rate(lr_min, "lr_min", allow_zero=True)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    check_int("epochs", epochs, 1)
     return [
         lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)
     ]
@@ -156,9 +155,8 @@ class RegimeMonitor:
     def current(self) -> tuple[float, float]:
         """(lr, momentum) of the watched group now."""
         group = self.optimizer.param_groups[self.group]
-        key = self._momentum_key()
-        mu = group["betas"][0] if key == "betas" else group["momentum"]
-        return float(group["lr"]), float(mu)
+        self._momentum_key()  # a clear error for optimizers without one
+        return float(group["lr"]), momentum_in_effect(group)
 
     def record(self) -> ScanRow:
         """Append this epoch's (lr, momentum); returns its classified row."""

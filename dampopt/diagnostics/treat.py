@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._distributed import all_reduce_sum_
-from .._validation import check_learning_rate, check_non_negative, check_seed
+from .._validation import check_int, check_learning_rate, check_non_negative, check_seed
 from . import _data
 from ._report import Report, markdown_table
 from ._surgery import (
@@ -183,8 +183,7 @@ def treat(
         train/eval modes.
     """
     model = _data.unwrap(model)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    check_int("epochs", epochs, 1)
     lr = check_learning_rate(lr)
     lr_min = lr / 100 if lr_min is None else check_learning_rate(lr_min, "lr_min", allow_zero=True)
     if lr_min > lr:

@@ -14,15 +14,14 @@ from fractions import Fraction
 
 import torch
 
-from .._validation import check_non_negative
+from .._validation import check_int, check_non_negative
 from ._report import Report, markdown_table
 
 
 def mcnemar_exact(fixed: int, new: int) -> float:
     """Exact two-sided McNemar p-value on the discordant counts (1.0 when there are none)."""
     for name, value in (("fixed", fixed), ("new", new)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_int(name, value, 0)
     n = fixed + new
     if n == 0:
         return 1.0
@@ -227,10 +226,7 @@ def compute_saving(
     if any(c is not None for c in counts):
         names = ("correction_epochs", "training_epochs", "groups_trained", "total_groups")
         for name, value in zip(names, counts):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"{name} must be an int >= 1 (give all four counts), got {value!r}"
-                )
+            check_int(name, value, 1, hint=" (give all four counts)")
         if groups_trained > total_groups:
             raise ValueError(
                 f"groups_trained ({groups_trained}) exceeds total_groups ({total_groups})"
