@@ -14,15 +14,10 @@ import sys
 import torch
 
 from dampopt import kernels
-from dampopt.cadam import cadam_update
-from dampopt.cubic_damped_sgd import cubic_damped_update
-from dampopt.ikfad import ikfad_update
+from dampopt.testing import FRICTION_CASES
 
-RULES = {
-    "ikfad": (ikfad_update, 2, dict(gamma=0.4, alpha=0.402, mu=0.5)),
-    "cubic_damped": (cubic_damped_update, 1, dict(gamma=0.17, c=5.0)),
-    "cadam": (cadam_update, 2, dict(gamma=0.5, c=5.0, alpha=0.3, eps=1e-8)),
-}
+# the project's one table of configurations (dampopt/testing.py), as the CPU tests use it
+RULES = {name: case.rule for name, case in FRICTION_CASES.items()}
 # fp32 arrays within 1e-6 of each tensor's largest value; low-precision params also within
 # twice their dtype's epsilon relative to the value: over three steps, a rounding that went the
 # other way in one step (one unit in the last place) carries into the next
@@ -47,7 +42,8 @@ def worst_error(actual, expected, dtype):
 
 
 def check(name, dtype, device) -> float:
-    update, n_states, hyper = RULES[name]
+    rule = RULES[name]
+    n_states, hyper = len(rule.state_names), FRICTION_CASES[name].hyperparameters
     generator = torch.Generator(device=device).manual_seed(0)
     shapes = sizes(device)
     params = [torch.randn(n, device=device, generator=generator).to(dtype) for n in shapes]
@@ -59,10 +55,12 @@ def check(name, dtype, device) -> float:
     worst = 0.0
     for step, lr in enumerate((0.01, 0.02, 0.015)):
         kwargs = dict(lr=lr, weight_decay=0.01 * step, **hyper)
-        sums = kernels.launch(name, params, grads, states, kwargs)
-        ref_sums = [update(p, g, *[s[i] for s in ref_states], **kwargs)
-                    for i, (p, g) in enumerate(zip(ref_params, grads))]
-        if name == "ikfad":
+        scalars, flags = rule.scalars(**kwargs), dict(HAS_WEIGHT_DECAY=bool(step))
+        sums = kernels.launch(name, params, grads, states, scalars, flags)
+        for i, (p, g) in enumerate(zip(ref_params, grads)):  # the rule's single-tensor step
+            rule.step(p, g, *[s[i] for s in ref_states], scalars, bool(step))
+        ref_sums = rule.sums(ref_states)
+        if ref_sums is not None:
             got, want = torch.stack(sums).double(), torch.stack(ref_sums).double()
             worst = max(worst, ((got - want).abs() / (1e-6 * want.abs()).clamp_min(1e-30))
                         .max().item())

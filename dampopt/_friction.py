@@ -1,15 +1,18 @@
-"""Machinery shared by the friction optimizers of Karoni et al. (iKFAD, CD, CADAM).
+"""Machinery shared by the friction optimizers of Karoni et al. (iKFAD, CD, CADAM), and the one
+place that knows the backends.
 
-Each optimizer module supplies its update rule twice: once as a plain function on one tensor
-(the reference every backend is tested against) and once with torch's multi-tensor
-``_foreach`` ops. This module holds what they share: argument checks, the ``lr = h**2``
-convention, fp32 state for low-precision parameters, and the choice of backend.
+Each optimizer module defines its rule as a :class:`dampopt._rule.Rule` (per-step scalars, a
+single-tensor step, a foreach step; a Triton kernel of the same name in ``dampopt.kernels``).
+This module holds what the optimizers share - argument checks, the ``lr = h**2`` convention,
+fp32 state for low-precision parameters - and the dispatcher, which resolves a backend once per
+(param group, device, dtype) bucket and hands it tensor lists and scalars. The backends know
+nothing of optimizers.
 
 Backends (``backend=``):
-    "torch"    torch ``_foreach`` ops, a few passes over memory per step;
-    "loop"     the reference function tensor by tensor (slowest; the definition);
-    "triton"   one fused Triton kernel launch per (group, device, dtype) - ``dampopt.kernels``;
-    "compiled" the foreach rule fused by ``torch.compile`` (pays a one-off compile);
+    "torch"    the rule's foreach step, a few passes over memory per step;
+    "loop"     the rule's single-tensor step, tensor by tensor (slowest; the definition);
+    "triton"   one fused Triton kernel launch per bucket - ``dampopt.kernels``;
+    "compiled" the single-tensor step fused by ``torch.compile`` (pays a one-off compile);
     "auto"     "triton" for fp32/bf16/fp16 CUDA tensors when triton imports; on CPU the
                fastest measured path, "compiled", when a C++ compiler is found (see
                ``cpu_backend``); "torch" otherwise.
@@ -18,13 +21,13 @@ Backends (``backend=``):
 from __future__ import annotations
 
 import functools
-import math
 from collections import defaultdict
 
 import torch
 
 from . import _nonfinite
 from ._distributed import local_tensor
+from ._rule import Rule
 from ._state import (
     check_state_dict,
     check_state_shapes,
@@ -35,13 +38,6 @@ from ._state import (
 from ._validation import check_gradients, check_learning_rate, check_non_negative
 
 BACKENDS = ("auto", "torch", "loop", "triton", "compiled")
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def relaxation_weight(alpha: float, h: float) -> float:
-    """``(1 - exp(-alpha*h)) / alpha``, with its limit ``h`` at alpha = 0."""
-    return h if alpha == 0 else -math.expm1(-alpha * h) / alpha
-
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
@@ -53,25 +49,22 @@ _GROUP_DEFAULTS = {"nonfinite": None}  # older state dicts lack it
 
 
 class FrictionOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set the class attributes below and the two update functions."""
+    """Base class: a subclass sets :attr:`rule` (and its own ``__init__`` with the defaults)."""
 
-    #: names of the per-element state tensors, in the order the update functions take them
+    #: the update rule (dampopt._rule.Rule)
+    rule: Rule
+    extra_state_names: tuple = ()  # per-parameter state besides the rule's (not param-shaped)
+
+    #: from the rule: the per-element state tensors, in the order its steps take them
     state_names: tuple[str, ...] = ()
-    #: hyperparameters of the rule (besides lr and weight_decay) with the check for each
+    #: from the rule: hyperparameter (besides lr, weight_decay) -> its check
     hyperparameter_checks: dict = {}
-    #: name of the kernel in dampopt.kernels
-    kernel_name: str = ""
-    #: whether the update returns the per-tensor sum of a state (iKFAD's friction)
-    returns_sums: bool = False
-    extra_state_names: tuple = ()  # per-parameter state besides state_names (not param-shaped)
 
-    @staticmethod
-    def update(param, grad, *state, lr, weight_decay, **hyperparameters):
-        raise NotImplementedError
-
-    @staticmethod
-    def update_foreach(params, grads, *states, lr, weight_decay, **hyperparameters):
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "rule" in cls.__dict__:
+            cls.state_names = cls.rule.state_names
+            cls.hyperparameter_checks = dict(cls.rule.checks)
 
     def __init__(self, params, lr, weight_decay, backend, nonfinite=None, **hyperparameters):
         lr = check_learning_rate(lr)
@@ -126,24 +119,19 @@ class FrictionOptimizer(torch.optim.Optimizer):
         for name in self.state_names:
             state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _gather(self, group: dict):
-        """Params with a grad, their grads and state lists, in group order."""
-        params, grads = [], []
+    def _gather(self, params):
+        """The state lists of ``params`` (one per state name), creating missing state."""
         states = [[] for _ in self.state_names]
-        for param in group["params"]:
-            if param.grad is None:
-                continue
+        for param in params:
             state = self.state[param]
             if not state:
                 self._init_state(param, state)
-            params.append(param)
-            grads.append(param.grad)
             for i, name in enumerate(self.state_names):
                 states[i].append(state[name])
-        return params, grads, states
+        return states
 
     def _record_sums(self, params, sums) -> None:
-        """Hook for optimizers whose update returns per-tensor sums (iKFAD's friction)."""
+        """Hook for rules with a ``summed_state`` (iKFAD's friction): its per-tensor sums."""
 
     # -- step ----------------------------------------------------------------------------------
 
@@ -154,47 +142,65 @@ class FrictionOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Validate every group before changing any: no half-updated optimizer.
+        # Validate every group, and resolve each bucket's backend, before changing any: no
+        # half-updated optimizer.
         check_state_shapes(self, self.state_names)
+        plans = []
         for group in self.param_groups:
             check_learning_rate(group["lr"], allow_zero=True)
-            check_gradients(p for p in group["params"] if p.grad is not None)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if resolve_backend(group["backend"], p.device, p.dtype) == "triton":
-                    from dampopt.kernels import check_arrays
-
-                    # dtype and layout problems surface here, not after other buckets moved
-                    check_arrays([local_tensor(p)], [local_tensor(p.grad)], [])
+            params = [p for p in group["params"] if p.grad is not None]
+            check_gradients(params)
+            buckets = defaultdict(list)
+            for param in params:
+                buckets[(param.device, param.dtype)].append(param)
+            plan = []
+            for (device, dtype), bucket in buckets.items():
+                backend = resolve_backend(group["backend"], device, dtype)
+                if backend == "triton":
+                    self._admit_to_triton(bucket)
+                plan.append((backend, bucket))
+            plans.append(plan)
 
         if _nonfinite.handle(self):  # nonfinite="skip" and a NaN/inf gradient
             return loss
 
-        for group in self.param_groups:
-            params, grads, states = self._gather(group)
-            if not params:
+        for group, plan in zip(self.param_groups, plans):
+            if not plan:
                 continue
-            kwargs = dict(lr=group["lr"], weight_decay=group["weight_decay"])
-            kwargs.update(self.hyperparameters(group))
-            buckets = defaultdict(list)
-            for i, param in enumerate(params):
-                buckets[(param.device, param.dtype)].append(i)
-            for (device, dtype), index in buckets.items():
-                backend = resolve_backend(group["backend"], device, dtype)
+            hyperparameters = self.hyperparameters(group)
+            scalars = self.rule.scalars(group["lr"], weight_decay=group["weight_decay"],
+                                        **hyperparameters)  # fmt: skip
+            has_weight_decay = bool(group["weight_decay"])
+            for backend, bucket in plan:
+                states = self._gather(bucket)
                 # FSDP2 parameters, grads and state are DTensors: every backend works on this
                 # rank's shards (views), so no full parameter is ever gathered.
                 sums = run_backend(
-                    self,
+                    self.rule,
                     backend,
-                    [local_tensor(params[i]) for i in index],
-                    [local_tensor(grads[i]) for i in index],
-                    [[local_tensor(state[i]) for i in index] for state in states],
-                    kwargs,
+                    [local_tensor(p) for p in bucket],
+                    [local_tensor(p.grad) for p in bucket],
+                    [[local_tensor(t) for t in state] for state in states],
+                    scalars,
+                    has_weight_decay,
                 )
-                if self.returns_sums:
-                    self._record_sums([params[i] for i in index], sums)
+                if sums is not None:
+                    self._record_sums(bucket, sums)
         return loss
+
+    def _admit_to_triton(self, params) -> None:
+        """The kernels' dtype, device and layout checks for one bucket, before any update."""
+        from dampopt import kernels
+
+        have_state = [p for p in params if self.state.get(p)]
+        kernels.check_arrays([local_tensor(p) for p in params],
+                             [local_tensor(p.grad) for p in params], [])  # fmt: skip
+        if have_state:  # a loaded state dict may hold other strides than its parameter
+            kernels.check_arrays(
+                [local_tensor(p) for p in have_state],
+                [local_tensor(p.grad) for p in have_state],
+                [[local_tensor(self.state[p][n]) for p in have_state] for n in self.state_names],
+            )
 
 
 # -- backends --------------------------------------------------------------------------------
@@ -206,12 +212,6 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 #: The backend "auto" picks for CPU tensors: the fastest measured there (benchmarks/README.md).
@@ -249,69 +249,37 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if backend == "triton":
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            raise RuntimeError(
-                f"backend='triton' needs CUDA tensors (got {device.type}); on CPU use "
-                "backend='torch', 'compiled' or 'auto', or set TRITON_INTERPRET=1 before "
-                "importing triton to run the kernels in Triton's (slow) interpreter"
-            )
-        if dtype == torch.float64:
-            raise TypeError(
-                "backend='triton' takes fp32, bf16 or fp16 parameters, got float64; use "
-                "backend='torch' or 'auto' (which sends fp64 to torch)"
-            )
+        from dampopt import kernels
+
+        kernels.check_device_and_dtype(device, dtype)
     return backend
 
 
-def run_backend(optimizer, backend, params, grads, states, kwargs):
-    """Apply the optimizer's rule with ``backend`` to one (device, dtype) bucket."""
-    if backend == "loop":
-        sums = [
-            optimizer.update(p, g, *[state[i] for state in states], **kwargs)
-            for i, (p, g) in enumerate(zip(params, grads))
-        ]
-        return sums
-    if backend == "torch":
-        return optimizer.update_foreach(params, grads, *states, **kwargs)
-    if backend == "triton":
-        from dampopt.kernels import launch
+def run_backend(rule: Rule, backend: str, params, grads, states, scalars: dict,
+                has_weight_decay: bool):  # fmt: skip
+    """One step of ``rule`` with ``backend`` over one (device, dtype) bucket, in place.
 
-        return launch(optimizer.kernel_name, params, grads, states, kwargs)
-    if backend == "compiled":
+    ``states`` holds one list per ``rule.state_names``; ``scalars`` is ``rule.scalars(...)``.
+    Returns the per-tensor sums of ``rule.summed_state`` (0-d tensors), or None.
+    """
+    sums = None
+    if backend == "loop":
+        for i, (p, g) in enumerate(zip(params, grads)):
+            rule.step(p, g, *[state[i] for state in states], scalars, has_weight_decay)
+    elif backend == "torch":
+        rule.step_foreach(params, grads, *states, scalars, has_weight_decay)
+    elif backend == "triton":
+        from dampopt import kernels
+
+        # admitted in step() before any bucket moved (FrictionOptimizer._admit_to_triton)
+        sums = kernels.launch(rule.name, params, grads, states, scalars,
+                              dict(HAS_WEIGHT_DECAY=has_weight_decay), checked=True)  # fmt: skip
+    elif backend == "compiled":
         from ._compiled import compiled_update
 
-        return compiled_update(optimizer, params, grads, states, kwargs)
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-# -- helpers the update functions share ------------------------------------------------------
-
-
-def working_tensors(param, grad, dtype, weight_decay):
-    """``(q, g)`` in the math dtype: the parameter itself when it already has that dtype (else
-    an fp32 copy, written back by :func:`write_back`), and the gradient with coupled L2 weight
-    decay, ``g + weight_decay * q``."""
-    q = param if param.dtype == dtype else param.to(dtype)
-    g = grad.to(dtype)
-    if weight_decay:
-        g = g + weight_decay * q
-    return q, g
-
-
-def write_back(param: torch.Tensor, work: torch.Tensor) -> None:
-    if work is not param:
-        param.copy_(work)
-
-
-def working_lists(params, grads, dtype, weight_decay):
-    """:func:`working_tensors` for lists of one dtype, with foreach ops."""
-    qs = params if params[0].dtype == dtype else [p.to(dtype) for p in params]
-    gs = grads if grads[0].dtype == dtype else [g.to(dtype) for g in grads]
-    if weight_decay:
-        gs = torch._foreach_add(gs, qs, alpha=weight_decay)
-    return qs, gs
-
-
-def write_backs(params, works) -> None:
-    if works is not params:
-        torch._foreach_copy_(params, works)
+        compiled_update(rule, params, grads, states, scalars, has_weight_decay)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    if sums is None:
+        sums = rule.sums(states)
+    return sums

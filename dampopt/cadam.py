@@ -19,52 +19,81 @@ import math
 
 import torch
 
-from ._friction import (
-    FrictionOptimizer,
+from ._friction import FrictionOptimizer
+from ._rule import (
+    Rule,
+    cubic_damping,
+    cubic_damping_foreach_,
     relaxation_weight,
+    working,
     working_lists,
-    working_tensors,
-    write_back,
     write_backs,
 )
 from ._validation import check_non_negative
+
+
+def cadam_scalars(lr, gamma, c, alpha, eps, weight_decay=0.0) -> dict:
+    """The per-step constants of a step at learning rate ``lr = h**2``."""
+    h = math.sqrt(lr)
+    return dict(
+        h=h,
+        weight_decay=weight_decay,
+        moment_decay=math.exp(-alpha * h),  # e^{-alpha h}
+        moment_gain=relaxation_weight(alpha, h),  # (1 - e^{-alpha h}) / alpha
+        eps=eps,
+        two_c_h=2 * c * h,
+        momentum_decay=math.exp(-gamma * h),  # e^{-gamma h}
+    )
+
+
+def cadam_step(param, grad, momentum, second_moment, s, has_weight_decay: bool) -> None:
+    """One step on one tensor, in place; ``s`` from :func:`cadam_scalars`."""
+    q, g = working(param, grad, momentum.dtype, s, has_weight_decay)
+    p = momentum - s["h"] * g  # B: p = p - h g
+    zeta = second_moment * s["moment_decay"] + s["moment_gain"] * (g * g)  # C: second moment
+    q = q + s["h"] * (p / (torch.sqrt(zeta) + s["eps"]))  # A: q = q + h p / (sqrt(zeta) + eps)
+    p = cubic_damping(p, s["two_c_h"])  # D: cubic damping, exact flow
+    p = p * s["momentum_decay"]  # E: linear friction
+    param.copy_(q)
+    momentum.copy_(p)
+    second_moment.copy_(zeta)
+
+
+def cadam_step_foreach(params, grads, momenta, second_moments, s, has_weight_decay: bool) -> None:
+    """:func:`cadam_step` over lists of tensors of one device and dtype."""
+    qs, gs = working_lists(params, grads, momenta[0].dtype, s, has_weight_decay)
+    torch._foreach_add_(momenta, gs, alpha=-s["h"])  # B
+    torch._foreach_mul_(second_moments, s["moment_decay"])  # C
+    torch._foreach_addcmul_(second_moments, gs, gs, value=s["moment_gain"])
+    denominator = torch._foreach_sqrt(second_moments)  # A
+    torch._foreach_add_(denominator, s["eps"])
+    torch._foreach_addcdiv_(qs, momenta, denominator, value=s["h"])
+    cubic_damping_foreach_(momenta, s["two_c_h"])  # D
+    torch._foreach_mul_(momenta, s["momentum_decay"])  # E
+    write_backs(params, qs)
+
+
+CADAM_RULE = Rule(
+    name="cadam",
+    state_names=("momentum", "second_moment"),
+    checks={
+        "gamma": check_non_negative,
+        "c": check_non_negative,
+        "alpha": check_non_negative,
+        "eps": check_non_negative,
+    },
+    scalars=cadam_scalars,
+    step=cadam_step,
+    step_foreach=cadam_step_foreach,
+)
 
 
 def cadam_update(
     param, grad, momentum, second_moment, *, lr, gamma, c, alpha, eps, weight_decay=0.0
 ):
     """One CADAM step on one tensor, in place (math in the state's dtype)."""
-    h = math.sqrt(lr)
-    p, zeta = momentum, second_moment
-    q, g = working_tensors(param, grad, p.dtype, weight_decay)
-    p.add_(g, alpha=-h)  # B: p = p - h g
-    zeta.mul_(math.exp(-alpha * h)).addcmul_(g, g, value=relaxation_weight(alpha, h))  # C
-    q.addcdiv_(p, zeta.sqrt().add_(eps), value=h)  # A: q = q + h p / (sqrt(zeta) + eps)
-    p.div_(torch.sqrt(1 + (2 * c * h) * p * p))  # D: cubic damping, exact flow
-    p.mul_(math.exp(-gamma * h))  # E: linear friction
-    write_back(param, q)
-
-
-def cadam_update_foreach(
-    params, grads, momenta, second_moments, *, lr, gamma, c, alpha, eps, weight_decay=0.0
-):
-    """:func:`cadam_update` over lists of tensors of one device and dtype."""
-    h = math.sqrt(lr)
-    dtype = momenta[0].dtype
-    qs, gs = working_lists(params, grads, dtype, weight_decay)
-    torch._foreach_add_(momenta, gs, alpha=-h)  # B
-    torch._foreach_mul_(second_moments, math.exp(-alpha * h))  # C
-    torch._foreach_addcmul_(second_moments, gs, gs, value=relaxation_weight(alpha, h))
-    denominator = torch._foreach_sqrt(second_moments)  # A
-    torch._foreach_add_(denominator, eps)
-    torch._foreach_addcdiv_(qs, momenta, denominator, value=h)
-    denominator = torch._foreach_mul(momenta, momenta)  # D
-    torch._foreach_mul_(denominator, 2 * c * h)
-    torch._foreach_add_(denominator, 1.0)
-    torch._foreach_sqrt_(denominator)
-    torch._foreach_div_(momenta, denominator)
-    torch._foreach_mul_(momenta, math.exp(-gamma * h))  # E
-    write_backs(params, qs)
+    s = cadam_scalars(lr, gamma, c, alpha, eps, weight_decay)
+    cadam_step(param, grad, momentum, second_moment, s, bool(weight_decay))
 
 
 class CADAM(FrictionOptimizer):
@@ -82,16 +111,7 @@ class CADAM(FrictionOptimizer):
             (see :mod:`dampopt._nonfinite`).
     """
 
-    state_names = ("momentum", "second_moment")
-    hyperparameter_checks = {
-        "gamma": check_non_negative,
-        "c": check_non_negative,
-        "alpha": check_non_negative,
-        "eps": check_non_negative,
-    }
-    kernel_name = "cadam"
-    update = staticmethod(cadam_update)
-    update_foreach = staticmethod(cadam_update_foreach)
+    rule = CADAM_RULE
 
     def __init__(
         self,

@@ -20,36 +20,53 @@ import math
 
 import torch
 
-from ._friction import FrictionOptimizer, working_lists, working_tensors, write_back, write_backs
+from ._friction import FrictionOptimizer
+from ._rule import Rule, cubic_damping, cubic_damping_foreach_, working, working_lists, write_backs
 from ._validation import check_non_negative
+
+
+def cubic_damped_scalars(lr, gamma, c, weight_decay=0.0) -> dict:
+    """The per-step constants of a step at learning rate ``lr = h**2``."""
+    h = math.sqrt(lr)
+    return dict(h=h, weight_decay=weight_decay, two_c_h=2 * c * h,
+                momentum_decay=math.exp(-gamma * h))  # fmt: skip
+
+
+def cubic_damped_step(param, grad, momentum, s, has_weight_decay: bool) -> None:
+    """One step on one tensor, in place; ``s`` from :func:`cubic_damped_scalars`."""
+    q, g = working(param, grad, momentum.dtype, s, has_weight_decay)
+    p = momentum - s["h"] * g  # B: p = p - h g
+    q = q + s["h"] * p  # A: q = q + h p
+    p = cubic_damping(p, s["two_c_h"])  # C: cubic damping, exact flow
+    p = p * s["momentum_decay"]  # D: linear friction
+    param.copy_(q)
+    momentum.copy_(p)
+
+
+def cubic_damped_step_foreach(params, grads, momenta, s, has_weight_decay: bool) -> None:
+    """:func:`cubic_damped_step` over lists of tensors of one device and dtype."""
+    qs, gs = working_lists(params, grads, momenta[0].dtype, s, has_weight_decay)
+    torch._foreach_add_(momenta, gs, alpha=-s["h"])  # B
+    torch._foreach_add_(qs, momenta, alpha=s["h"])  # A
+    cubic_damping_foreach_(momenta, s["two_c_h"])  # C
+    torch._foreach_mul_(momenta, s["momentum_decay"])  # D
+    write_backs(params, qs)
+
+
+CUBIC_DAMPED_RULE = Rule(
+    name="cubic_damped",
+    state_names=("momentum",),
+    checks={"gamma": check_non_negative, "c": check_non_negative},
+    scalars=cubic_damped_scalars,
+    step=cubic_damped_step,
+    step_foreach=cubic_damped_step_foreach,
+)
 
 
 def cubic_damped_update(param, grad, momentum, *, lr, gamma, c, weight_decay=0.0):
     """One CD step on one tensor, in place (math in the state's dtype)."""
-    h = math.sqrt(lr)
-    p = momentum
-    q, g = working_tensors(param, grad, p.dtype, weight_decay)
-    p.add_(g, alpha=-h)  # B: p = p - h g
-    q.add_(p, alpha=h)  # A: q = q + h p
-    p.div_(torch.sqrt(1 + (2 * c * h) * p * p))  # C: cubic damping, exact flow
-    p.mul_(math.exp(-gamma * h))  # D: linear friction
-    write_back(param, q)
-
-
-def cubic_damped_update_foreach(params, grads, momenta, *, lr, gamma, c, weight_decay=0.0):
-    """:func:`cubic_damped_update` over lists of tensors of one device and dtype."""
-    h = math.sqrt(lr)
-    dtype = momenta[0].dtype
-    qs, gs = working_lists(params, grads, dtype, weight_decay)
-    torch._foreach_add_(momenta, gs, alpha=-h)  # B
-    torch._foreach_add_(qs, momenta, alpha=h)  # A
-    denominator = torch._foreach_mul(momenta, momenta)  # C
-    torch._foreach_mul_(denominator, 2 * c * h)
-    torch._foreach_add_(denominator, 1.0)
-    torch._foreach_sqrt_(denominator)
-    torch._foreach_div_(momenta, denominator)
-    torch._foreach_mul_(momenta, math.exp(-gamma * h))  # D
-    write_backs(params, qs)
+    s = cubic_damped_scalars(lr, gamma, c, weight_decay)
+    cubic_damped_step(param, grad, momentum, s, bool(weight_decay))
 
 
 class CubicDampedSGD(FrictionOptimizer):
@@ -66,11 +83,7 @@ class CubicDampedSGD(FrictionOptimizer):
             (see :mod:`dampopt._nonfinite`).
     """
 
-    state_names = ("momentum",)
-    hyperparameter_checks = {"gamma": check_non_negative, "c": check_non_negative}
-    kernel_name = "cubic_damped"
-    update = staticmethod(cubic_damped_update)
-    update_foreach = staticmethod(cubic_damped_update_foreach)
+    rule = CUBIC_DAMPED_RULE
 
     def __init__(
         self,

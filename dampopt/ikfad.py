@@ -1,5 +1,5 @@
 r"""iKFAD: individual kinetic friction-adaptive descent (Karoni, Rajpal, Leimkuhler & Stoltz,
-2026, arXiv:2602.00334), as in ``update-rules.md``.
+2026, arXiv:2602.00334).
 
 The authors write a step ``h``; their learning rate is ``h**2``. Here ``lr`` keeps torch's
 meaning and ``h = sqrt(lr)`` is recomputed every step, so LR schedulers work. Each element has a
@@ -29,15 +29,65 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ._distributed import accumulator_totals, local_tensor, shard_accumulator
-from ._friction import (
-    FrictionOptimizer,
-    relaxation_weight,
-    working_lists,
-    working_tensors,
-    write_back,
-    write_backs,
-)
+from ._friction import FrictionOptimizer
+from ._rule import Rule, relaxation_weight, working, working_lists, write_backs
 from ._validation import check_non_negative, check_positive
+
+
+def ikfad_scalars(lr, gamma, alpha, mu, weight_decay=0.0) -> dict:
+    """The per-step constants of a step at learning rate ``lr = h**2``."""
+    h = math.sqrt(lr)
+    return dict(
+        h=h,
+        weight_decay=weight_decay,
+        neg_half_h=-h / 2,
+        friction_decay=math.exp(-alpha * h),  # e^{-alpha h}
+        friction_gain=relaxation_weight(alpha, h) / mu,  # (1 - e^{-alpha h}) / (mu alpha)
+        momentum_decay=math.exp(-gamma * h),  # e^{-gamma h}
+    )
+
+
+def ikfad_step(param, grad, momentum, friction, s, has_weight_decay: bool) -> None:
+    """One step on one tensor, in place; ``s`` from :func:`ikfad_scalars` (floats, or 0-d
+    tensors under torch.compile). Math in the state's dtype (fp32 for bf16/fp16 params)."""
+    q, g = working(param, grad, momentum.dtype, s, has_weight_decay)
+    p = momentum - s["h"] * g  # B: p = p - h g
+    q = q + s["h"] * p  # A: q = q + h p
+    p = p * torch.exp(friction * s["neg_half_h"])  # C: half kick of friction,
+    xi = friction * s["friction_decay"] + s["friction_gain"] * (p * p)  # xi relaxes,
+    p = p * torch.exp(xi * s["neg_half_h"])  #    second half kick with the new xi
+    p = p * s["momentum_decay"]  # D: linear friction
+    param.copy_(q)
+    momentum.copy_(p)
+    friction.copy_(xi)
+
+
+def ikfad_step_foreach(params, grads, momenta, frictions, s, has_weight_decay: bool) -> None:
+    """:func:`ikfad_step` over lists of tensors of one device and dtype, with foreach ops."""
+    qs, gs = working_lists(params, grads, momenta[0].dtype, s, has_weight_decay)
+    torch._foreach_add_(momenta, gs, alpha=-s["h"])  # B
+    torch._foreach_add_(qs, momenta, alpha=s["h"])  # A
+    kick = torch._foreach_mul(frictions, s["neg_half_h"])  # C
+    torch._foreach_exp_(kick)
+    torch._foreach_mul_(momenta, kick)
+    torch._foreach_mul_(frictions, s["friction_decay"])
+    torch._foreach_addcmul_(frictions, momenta, momenta, value=s["friction_gain"])
+    kick = torch._foreach_mul(frictions, s["neg_half_h"])
+    torch._foreach_exp_(kick)
+    torch._foreach_mul_(momenta, kick)
+    torch._foreach_mul_(momenta, s["momentum_decay"])  # D
+    write_backs(params, qs)
+
+
+IKFAD_RULE = Rule(
+    name="ikfad",
+    state_names=("momentum", "friction"),
+    checks={"gamma": check_non_negative, "alpha": check_non_negative, "mu": check_positive},
+    scalars=ikfad_scalars,
+    step=ikfad_step,
+    step_foreach=ikfad_step_foreach,
+    summed_state="friction",  # Method B ranks layers by it
+)
 
 
 def ikfad_update(param, grad, momentum, friction, *, lr, gamma, alpha, mu, weight_decay=0.0):
@@ -46,40 +96,9 @@ def ikfad_update(param, grad, momentum, friction, *, lr, gamma, alpha, mu, weigh
     ``momentum`` (p) and ``friction`` (xi) are the fp32 (fp64 for fp64 params) state tensors;
     ``param`` may be fp16/bf16, in which case the math runs on an fp32 copy.
     """
-    h = math.sqrt(lr)
-    p, xi = momentum, friction
-    q, g = working_tensors(param, grad, p.dtype, weight_decay)
-    p.add_(g, alpha=-h)  # B: p = p - h g
-    q.add_(p, alpha=h)  # A: q = q + h p
-    p.mul_(torch.exp(xi * (-h / 2)))  # C: half kick of friction
-    xi.mul_(math.exp(-alpha * h)).add_(p * p, alpha=relaxation_weight(alpha, h) / mu)
-    p.mul_(torch.exp(xi * (-h / 2)))  #    second half kick with the new xi
-    p.mul_(math.exp(-gamma * h))  # D: linear friction
-    write_back(param, q)
-    return xi.sum()
-
-
-def ikfad_update_foreach(
-    params, grads, momenta, frictions, *, lr, gamma, alpha, mu, weight_decay=0.0
-):
-    """:func:`ikfad_update` over lists of tensors of one device and dtype, with foreach ops."""
-    h = math.sqrt(lr)
-    dtype = momenta[0].dtype
-    qs, gs = working_lists(params, grads, dtype, weight_decay)
-    torch._foreach_add_(momenta, gs, alpha=-h)  # B
-    torch._foreach_add_(qs, momenta, alpha=h)  # A
-    kick = torch._foreach_mul(frictions, -h / 2)  # C
-    torch._foreach_exp_(kick)
-    torch._foreach_mul_(momenta, kick)
-    torch._foreach_mul_(frictions, math.exp(-alpha * h))
-    torch._foreach_addcmul_(frictions, momenta, momenta, value=relaxation_weight(alpha, h) / mu)
-    kick = torch._foreach_mul(frictions, -h / 2)
-    torch._foreach_exp_(kick)
-    torch._foreach_mul_(momenta, kick)
-    torch._foreach_mul_(momenta, math.exp(-gamma * h))  # D
-    write_backs(params, qs)
-    # xi >= 0 always, so its L1 norm is its sum: one fused reduction for all tensors.
-    return list(torch._foreach_norm(frictions, 1))
+    s = ikfad_scalars(lr, gamma, alpha, mu, weight_decay)
+    ikfad_step(param, grad, momentum, friction, s, bool(weight_decay))
+    return friction.sum()
 
 
 @dataclass(frozen=True)
@@ -109,17 +128,8 @@ class iKFAD(FrictionOptimizer):  # noqa: N801 - the method's published name
             (see :mod:`dampopt._nonfinite`).
     """
 
-    state_names = ("momentum", "friction")
-    hyperparameter_checks = {
-        "gamma": check_non_negative,
-        "alpha": check_non_negative,
-        "mu": check_positive,
-    }
-    kernel_name = "ikfad"
-    returns_sums = True
+    rule = IKFAD_RULE
     extra_state_names = ("friction_sum", "friction_sum_total", "friction_steps")
-    update = staticmethod(ikfad_update)
-    update_foreach = staticmethod(ikfad_update_foreach)
 
     def __init__(
         self,

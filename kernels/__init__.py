@@ -1,30 +1,34 @@
 """Fused Triton kernels for dampopt's friction optimizers (installed as ``dampopt.kernels``).
 
-One kernel per optimizer does the whole step in one pass over memory (read param, grad and
-state once, write param and state once; fp32 math for fp32/bf16/fp16 params), and one launch
-covers every tensor of a (param group, device, dtype) bucket. ``dampopt._friction.run_backend``
-calls :func:`launch`; the kernels are tested against the torch reference functions.
+One kernel per rule does the whole step in one pass over memory (read param, grad and state
+once, write param and state once; fp32 math for fp32/bf16/fp16 params), and one launch covers
+every tensor of a (param group, device, dtype) bucket. A kernel is named like its rule
+(:class:`dampopt._rule.Rule`), takes the rule's per-step scalars by name and knows nothing of
+optimizers; a kernel with a ``sums`` argument accumulates each tensor's sum of the rule's
+summed state. The kernels are tested against the rules' torch steps.
 """
 
 from __future__ import annotations
 
+import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from ._multi_tensor import check_arrays
-from .cadam import cadam_launch
-from .cubic_damped import cubic_damped_launch
-from .ikfad import ikfad_kernel, ikfad_launch
+from . import _multi_tensor
+from ._multi_tensor import PARAM_DTYPES
+from .cadam import cadam_kernel
+from .cubic_damped import cubic_damped_kernel
+from .ikfad import ikfad_kernel
 
-__all__ = ["LAUNCHERS", "check_arrays", "interpreting", "launch"]
+__all__ = ["KERNELS", "check_arrays", "check_device_and_dtype", "interpreting", "launch"]
 
 # triton.jit decides at decoration time whether a kernel is interpreted or compiled.
 _INTERPRETED = isinstance(ikfad_kernel, InterpretedFunction)
 
-#: kernel name (an optimizer's ``kernel_name``) -> launcher taking the optimizer's kwargs
-LAUNCHERS = {
-    "ikfad": ikfad_launch,
-    "cubic_damped": cubic_damped_launch,
-    "cadam": cadam_launch,
+#: rule name -> its jitted kernel
+KERNELS = {
+    "ikfad": ikfad_kernel,
+    "cubic_damped": cubic_damped_kernel,
+    "cadam": cadam_kernel,
 }
 
 
@@ -33,21 +37,49 @@ def interpreting() -> bool:
     return _INTERPRETED
 
 
-def launch(kernel_name: str, params, grads, states, kwargs: dict):
-    """Apply one optimizer step in place with one kernel launch.
-
-    ``states`` holds one list per state name, in the optimizer's ``state_names`` order;
-    ``kwargs`` is lr, weight_decay and the rule's hyperparameters. Returns the per-tensor
-    friction sums (0-d fp32 tensors) for ``"ikfad"``, else None.
-    """
-    if kernel_name not in LAUNCHERS:
-        raise ValueError(f"kernel_name must be one of {sorted(LAUNCHERS)}, got {kernel_name!r}")
-    if not params:
-        return [] if kernel_name == "ikfad" else None
-    device = params[0].device
+def check_device_and_dtype(device: torch.device, dtype: torch.dtype | None) -> None:
+    """Raise unless the kernels can run on ``device`` with ``dtype`` parameters."""
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise RuntimeError(
-            f"the Triton kernels need CUDA tensors (got {device.type}); CPU tensors work only "
-            "in Triton's interpreter, with TRITON_INTERPRET=1 set before triton is imported"
+            f"the Triton kernels need CUDA tensors (got {device.type}); on CPU use "
+            "backend='torch', 'compiled' or 'auto', or set TRITON_INTERPRET=1 before "
+            "importing triton to run the kernels in Triton's (slow) interpreter"
         )
-    return LAUNCHERS[kernel_name](params, grads, states, **kwargs)
+    if dtype is not None and dtype not in PARAM_DTYPES:
+        raise TypeError(
+            f"the Triton kernels take fp32, bf16 or fp16 parameters, got "
+            f"{str(dtype).removeprefix('torch.')}; use "
+            "backend='torch' (or 'auto', which does not pick triton for fp64) for these"
+        )
+
+
+def check_arrays(params, grads, states) -> None:
+    """Everything a launch needs of its lists: device, dtype, lengths and layouts."""
+    if not params:
+        return
+    check_device_and_dtype(params[0].device, params[0].dtype)
+    _multi_tensor.check_lists(params, grads, states)
+
+
+def launch(name: str, params, grads, states, scalars: dict, flags: dict, checked: bool = False):
+    """Apply one step of rule ``name`` in place with one kernel launch.
+
+    ``states`` holds one list per state name, in the rule's ``state_names`` order; ``scalars``
+    are the rule's per-step scalars (``rule.scalars(...)``), ``flags`` its ``tl.constexpr``
+    switches (``HAS_WEIGHT_DECAY``). ``checked=True`` skips :func:`check_arrays` (the
+    dispatcher ran it before any bucket moved). Returns the per-tensor sums (0-d fp32 tensors)
+    when the kernel computes them, else None.
+    """
+    if name not in KERNELS:
+        raise ValueError(f"kernel name must be one of {sorted(KERNELS)}, got {name!r}")
+    kernel = KERNELS[name]
+    summed = "sums" in kernel.arg_names
+    if not params:
+        return [] if summed else None
+    if not checked:
+        check_arrays(params, grads, states)
+    sums = None
+    if summed:
+        sums = torch.zeros(len(params), dtype=torch.float32, device=params[0].device)
+    _multi_tensor.launch(kernel, params, grads, states, scalars, flags, sums=sums)
+    return None if sums is None else list(sums.unbind(0))

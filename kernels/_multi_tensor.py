@@ -87,17 +87,10 @@ def pointer_table(arrays: list, device: torch.device) -> tuple[torch.Tensor, boo
     return _POINTER_TABLES.get_or_build((device, addresses), build)
 
 
-def check_arrays(params, grads, states) -> None:
+def check_lists(params, grads, states) -> None:
     """Raise before any launch if the lists cannot be updated element by element."""
-    if not params:
-        return
-    device, dtype = params[0].device, params[0].dtype
-    if dtype not in PARAM_DTYPES:
-        raise TypeError(
-            f"the Triton kernels take fp32, bf16 or fp16 parameters, got {dtype}; use "
-            "backend='torch' (or 'auto', which does not pick triton for fp64) for these"
-        )
     arrays = [params, grads, *states]
+    device = params[0].device
     for name, tensors in zip(("params", "grads", "states"), (params, grads, *states)):
         if len(tensors) != len(params):
             raise ValueError(f"{name} has {len(tensors)} tensors, params has {len(params)}")
@@ -143,9 +136,9 @@ def launch(kernel, params, grads, states, scalars: dict, flags: dict, sums=None)
 
     ``scalars`` are runtime fp32 arguments (changing them never recompiles); ``flags`` are
     ``tl.constexpr`` switches (each value compiles once). ``sums`` is an optional fp32 buffer
-    of one element per tensor that the kernel accumulates into.
+    of one element per tensor that the kernel accumulates into. The caller has checked the
+    lists (``dampopt.kernels.check_arrays``).
     """
-    check_arrays(params, grads, states)
     arrays = [params, grads, *states]
     device = params[0].device
     blocks = block_table(tuple(p.numel() for p in params), device)
@@ -194,6 +187,20 @@ def load_fp32(pointer, offsets, mask, FULL: tl.constexpr):
     else:
         value = tl.load(pointer + offsets, mask=mask, other=0.0)
     return value.to(tl.float32)
+
+
+@triton.jit
+def coupled_gradient(g, q, weight_decay, HAS_WEIGHT_DECAY: tl.constexpr):
+    """The gradient with coupled L2 weight decay, ``g + weight_decay * q``."""
+    if HAS_WEIGHT_DECAY:
+        g = g + weight_decay * q
+    return g
+
+
+@triton.jit
+def cubic_damping(p, two_c_h):
+    """The exact flow of ``dp/dt = -c p^3`` over a time ``h``: ``p / sqrt(1 + 2 c h p^2)``."""
+    return tl.div_rn(p, tl.sqrt_rn(1.0 + (two_c_h * p) * p))
 
 
 @triton.jit

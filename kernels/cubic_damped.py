@@ -5,12 +5,17 @@ Mirrors :func:`dampopt.cubic_damped_sgd.cubic_damped_update` line by line (B, A,
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
 
-from ._multi_tensor import array_pointer, launch, load_fp32, locate_block, store
+from ._multi_tensor import (
+    array_pointer,
+    coupled_gradient,
+    cubic_damping,
+    load_fp32,
+    locate_block,
+    store,
+)
 
 
 @triton.jit
@@ -19,11 +24,10 @@ def _cubic_damped_block(q_ptr, g_ptr, p_ptr, offsets, mask, h, weight_decay, two
     q = load_fp32(q_ptr, offsets, mask, FULL)
     g = load_fp32(g_ptr, offsets, mask, FULL)
     p = load_fp32(p_ptr, offsets, mask, FULL)
-    if HAS_WEIGHT_DECAY:
-        g = g + weight_decay * q
+    g = coupled_gradient(g, q, weight_decay, HAS_WEIGHT_DECAY)
     p = p - h * g  # B: p = p - h g
     q = q + h * p  # A: q = q + h p
-    p = tl.div_rn(p, tl.sqrt_rn(1.0 + (two_c_h * p) * p))  # C: cubic damping, exact flow
+    p = cubic_damping(p, two_c_h)  # C: cubic damping, exact flow
     p = p * momentum_decay  # D: linear friction
     store(q_ptr, offsets, q, mask, FULL)
     store(p_ptr, offsets, p, mask, FULL)
@@ -43,13 +47,3 @@ def cubic_damped_kernel(pointers, blocks, param, grad, momentum, h, weight_decay
     else:
         _cubic_damped_block(q_ptr, g_ptr, p_ptr, offsets, mask, h, weight_decay, two_c_h,
                             momentum_decay, HAS_WEIGHT_DECAY, False)
-
-
-def cubic_damped_launch(params, grads, states, *, lr, gamma, c, weight_decay=0.0):
-    """One CD step over lists of tensors in one launch."""
-    (momenta,) = states
-    h = math.sqrt(lr)
-    scalars = dict(h=h, weight_decay=weight_decay, two_c_h=2 * c * h,
-                   momentum_decay=math.exp(-gamma * h))
-    flags = dict(HAS_WEIGHT_DECAY=bool(weight_decay))
-    launch(cubic_damped_kernel, params, grads, [momenta], scalars, flags)

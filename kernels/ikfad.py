@@ -6,15 +6,10 @@ fp32 math, the same host-side scalars).
 
 from __future__ import annotations
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
-from dampopt._friction import relaxation_weight
-
-from ._multi_tensor import array_pointer, launch, load_fp32, locate_block, store
+from ._multi_tensor import array_pointer, coupled_gradient, load_fp32, locate_block, store
 
 
 @triton.jit
@@ -25,8 +20,7 @@ def _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay, ne
     g = load_fp32(g_ptr, offsets, mask, FULL)
     p = load_fp32(p_ptr, offsets, mask, FULL)
     xi = load_fp32(xi_ptr, offsets, mask, FULL)
-    if HAS_WEIGHT_DECAY:
-        g = g + weight_decay * q
+    g = coupled_gradient(g, q, weight_decay, HAS_WEIGHT_DECAY)
     p = p - h * g  # B: p = p - h g
     q = q + h * p  # A: q = q + h p
     p = p * tl.exp(xi * neg_half_h)  # C: half kick of friction
@@ -57,21 +51,3 @@ def ikfad_kernel(pointers, blocks, sums, param, grad, momentum, friction, h, wei
                              neg_half_h, friction_decay, friction_gain, momentum_decay,
                              HAS_WEIGHT_DECAY, False)
     tl.atomic_add(sums + tensor, total)
-
-
-def ikfad_launch(params, grads, states, *, lr, gamma, alpha, mu, weight_decay=0.0):
-    """One iKFAD step over lists of tensors in one launch; returns each tensor's sum of xi."""
-    momenta, frictions = states
-    h = math.sqrt(lr)
-    sums = torch.zeros(len(params), dtype=torch.float32, device=params[0].device)
-    scalars = dict(
-        h=h,
-        weight_decay=weight_decay,
-        neg_half_h=-h / 2,
-        friction_decay=math.exp(-alpha * h),
-        friction_gain=relaxation_weight(alpha, h) / mu,
-        momentum_decay=math.exp(-gamma * h),
-    )
-    flags = dict(HAS_WEIGHT_DECAY=bool(weight_decay))
-    launch(ikfad_kernel, params, grads, [momenta, frictions], scalars, flags, sums=sums)
-    return list(sums.unbind(0))

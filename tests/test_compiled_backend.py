@@ -11,15 +11,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from dampopt import _compiled
-from dampopt.cadam import CADAM
+from dampopt._friction import FrictionOptimizer, run_backend
+from dampopt._rule import Rule
 from dampopt.cubic_damped_sgd import CubicDampedSGD
 from dampopt.ikfad import iKFAD
+from dampopt.testing import FRICTION_CASES
 
-CASES = {
-    "ikfad": (iKFAD, dict(gamma=0.4, alpha=0.402, mu=0.5)),
-    "cubic_damped": (CubicDampedSGD, dict(gamma=0.17, c=5.0)),
-    "cadam": (CADAM, dict(gamma=0.5, c=5.0, alpha=0.3, eps=1e-8)),
-}
+# the project's one table of configurations (dampopt/testing.py): name -> (class, hyper)
+CASES = {name: (case.optimizer, case.hyperparameters) for name, case in FRICTION_CASES.items()}
 SIZES = [(7,), (40, 25), (3, 4, 5, 6)]  # ranks 1, 2 and 4 share one graph (flattened)
 
 
@@ -86,9 +85,9 @@ def test_small_tensors_take_the_foreach_rule_and_large_ones_the_compiled(monkeyp
     compiled_indices = []
     real = _compiled._compiled_steps
 
-    def spy(name, params, grads, states, kwargs, indices):
+    def spy(rule, params, grads, states, scalars, has_weight_decay, indices):
         compiled_indices.append(list(indices))
-        return real(name, params, grads, states, kwargs, indices)
+        return real(rule, params, grads, states, scalars, has_weight_decay, indices)
 
     monkeypatch.setattr(_compiled, "_compiled_steps", spy)
     (params, optimizer), (ref_params, ref_optimizer) = run_pair(
@@ -102,9 +101,49 @@ def test_small_tensors_take_the_foreach_rule_and_large_ones_the_compiled(monkeyp
         assert got[key].mean == pytest.approx(want[key].mean, rel=1e-6)
 
 
-def test_unknown_rule_is_a_value_error():
-    class NoRule:
-        kernel_name = "adam"
+# A fourth rule, written only as a Rule: heavy-ball momentum, p = mu p - lr g; q = q + p.
+def _heavy_ball_scalars(lr, mu, weight_decay=0.0):
+    return dict(lr=lr, mu=mu, weight_decay=weight_decay)
 
-    with pytest.raises(ValueError, match="no compiled rule"):
-        _compiled.compiled_update(NoRule(), [], [], [], {})
+
+def _heavy_ball_step(param, grad, momentum, s, has_weight_decay):
+    g = grad + s["weight_decay"] * param if has_weight_decay else grad
+    p = s["mu"] * momentum - s["lr"] * g
+    param.copy_(param + p)
+    momentum.copy_(p)
+
+
+def _heavy_ball_step_foreach(params, grads, momenta, s, has_weight_decay):
+    for args in zip(params, grads, momenta):
+        _heavy_ball_step(*args, s, has_weight_decay)
+
+
+HEAVY_BALL = Rule("heavy_ball", ("momentum",), {}, _heavy_ball_scalars, _heavy_ball_step,
+                  _heavy_ball_step_foreach, summed_state="momentum")  # fmt: skip
+
+
+def test_a_new_rule_runs_on_every_cpu_backend_without_editing_them():
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=generator) for s in SIZES]
+    grads = [torch.randn(s, generator=generator) for s in SIZES]
+    results = {}
+    for backend in ("loop", "torch", "compiled"):
+        params = [p.clone() for p in start]
+        momenta = [torch.full_like(p, 0.5) for p in params]
+        for lr in (0.1, 0.05):
+            scalars = HEAVY_BALL.scalars(lr, mu=0.9, weight_decay=0.01)
+            sums = run_backend(HEAVY_BALL, backend, params, grads, [momenta], scalars, True)
+        results[backend] = (params, momenta, sums)
+    want_params, want_momenta, want_sums = results["loop"]
+    # by hand: p1 = 0.45 - 0.1 g1, q1 = q0 + p1; p2 = 0.9 p1 - 0.05 g2, q2 = q1 + p2
+    for q0, g, q in zip(start, grads, want_params):
+        p1 = 0.9 * 0.5 - 0.1 * (g + 0.01 * q0)
+        q1 = q0 + p1
+        p2 = 0.9 * p1 - 0.05 * (g + 0.01 * q1)
+        torch.testing.assert_close(q, q1 + p2)
+    for backend in ("torch", "compiled"):
+        params, momenta, sums = results[backend]
+        for a, b in zip(params + momenta, want_params + want_momenta):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.stack(sums), torch.stack(want_sums))
+    assert issubclass(iKFAD, FrictionOptimizer) and iKFAD.rule.summed_state == "friction"

@@ -11,17 +11,13 @@ import pytest
 import torch
 
 from dampopt import CADAM, CubicDampedSGD, iKFAD
+from dampopt.testing import FRICTION_CASES
 
-# Hyperparameters chosen so every sub-step matters within a few steps (the authors' c ~ 1e5
-# would flatten p at once).
-CONFIGS = {
-    "ikfad": (iKFAD, dict(lr=0.01, gamma=0.4, alpha=0.402, mu=1.87)),
-    "cd": (CubicDampedSGD, dict(lr=0.01, gamma=0.17, c=0.5)),
-    "cadam": (CADAM, dict(lr=1e-3, gamma=3.55, c=0.5, alpha=0.05, eps=1e-8)),
-}
+# the project's one table of configurations (dampopt/testing.py): name -> (class, kwargs)
+CONFIGS = {name: (case.optimizer, case.kwargs()) for name, case in FRICTION_CASES.items()}
 
 
-# -- an independent transcription of update-rules.md, per element, in numpy float64 ----------
+# -- an independent transcription of the README's update rules, per element, numpy float64 --
 
 
 def numpy_ikfad(q, g, s, lr, gamma, alpha, mu, wd):
@@ -63,7 +59,7 @@ def numpy_cadam(q, g, s, lr, gamma, c, alpha, eps, wd):
     return q
 
 
-NUMPY_RULES = {"ikfad": numpy_ikfad, "cd": numpy_cd, "cadam": numpy_cadam}
+NUMPY_RULES = {"ikfad": numpy_ikfad, "cubic_damped": numpy_cd, "cadam": numpy_cadam}
 
 
 def _quadratic_grad(q, target):

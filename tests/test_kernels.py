@@ -17,17 +17,25 @@ from dampopt.kernels import _multi_tensor
 
 from dampopt import kernels
 from dampopt._friction import resolve_backend
-from dampopt.cadam import CADAM, cadam_update
-from dampopt.cubic_damped_sgd import CubicDampedSGD, cubic_damped_update
-from dampopt.ikfad import iKFAD, ikfad_update
+from dampopt.ikfad import iKFAD
+from dampopt.testing import FRICTION_CASES
 
-# name -> (reference update, number of state arrays, hyperparameters, optimizer class).
-# Hyperparameters are large enough that every sub-step changes the numbers.
+# name -> (reference update, number of state arrays, hyperparameters, optimizer class), from
+# the project's one table of configurations (dampopt/testing.py)
 RULES = {
-    "ikfad": (ikfad_update, 2, dict(gamma=0.4, alpha=0.402, mu=0.5), iKFAD),
-    "cubic_damped": (cubic_damped_update, 1, dict(gamma=0.17, c=5.0), CubicDampedSGD),
-    "cadam": (cadam_update, 2, dict(gamma=0.5, c=5.0, alpha=0.3, eps=1e-8), CADAM),
+    name: (case.rule, len(case.rule.state_names), case.hyperparameters, case.optimizer)
+    for name, case in FRICTION_CASES.items()
 }
+
+
+def launch(name, params, grads, states, kwargs):
+    """The kernel of rule ``name`` with the rule's scalars for ``kwargs`` (lr, wd, hyper)."""
+    rule = RULES[name][0] if name in RULES else None
+    scalars = rule.scalars(**kwargs) if rule else {}
+    flags = dict(HAS_WEIGHT_DECAY=bool(kwargs.get("weight_decay")))
+    return kernels.launch(name, params, grads, states, scalars, flags)
+
+
 BLOCK = _multi_tensor.BLOCK
 # sizes: empty, tiny, one full block, a full block plus a tail, two blocks plus a tail
 SIZES = [0, 5, BLOCK, BLOCK + 1, 2 * BLOCK + 300]
@@ -58,11 +66,12 @@ def clone_all(params, states):
 
 
 def reference_step(name, params, grads, states, kwargs):
-    update = RULES[name][0]
-    return [
-        update(p, g, *[state[i] for state in states], **kwargs)
-        for i, (p, g) in enumerate(zip(params, grads))
-    ]
+    """The rule's single-tensor step (the "loop" backend), tensor by tensor; the sums."""
+    rule = RULES[name][0]
+    scalars = rule.scalars(**kwargs)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        rule.step(p, g, *[state[i] for state in states], scalars, bool(kwargs["weight_decay"]))
+    return rule.sums(states)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -73,7 +82,7 @@ def test_kernel_matches_reference(name, dtype):
     ref_params, ref_states = clone_all(params, states)
     for step, lr in enumerate((0.01, 0.02)):  # lr changes between steps, as under a scheduler
         kwargs = dict(lr=lr, weight_decay=0.01 * step, **hyper)
-        sums = kernels.launch(name, params, grads, states, kwargs)
+        sums = launch(name, params, grads, states, kwargs)
         ref_sums = reference_step(name, ref_params, grads, ref_states, kwargs)
     for p, ref in zip(params, ref_params):
         assert_matches(p, ref, dtype)
@@ -99,7 +108,7 @@ def test_unaligned_views_of_one_buffer():
     assert not aligned
     ref_params, ref_states = clone_all(params, states)
     kwargs = dict(lr=0.01, weight_decay=0.0, **RULES["cadam"][2])
-    kernels.launch("cadam", params, grads, states, kwargs)
+    launch("cadam", params, grads, states, kwargs)
     reference_step("cadam", ref_params, grads, ref_states, kwargs)
     for p, ref in zip(params + states[0] + states[1], ref_params + ref_states[0] + ref_states[1]):
         assert_matches(p, ref)
@@ -111,6 +120,7 @@ class CountingKernel:
 
     def __init__(self, kernel):
         self.kernel, self.grids = kernel, []
+        self.arg_names = kernel.arg_names
 
     def __getitem__(self, grid):
         self.grids.append(grid)
@@ -118,14 +128,14 @@ class CountingKernel:
 
 
 def test_two_hundred_small_tensors_take_one_launch(monkeypatch):
-    counting = CountingKernel(kernels.ikfad.ikfad_kernel)
-    monkeypatch.setattr(kernels.ikfad, "ikfad_kernel", counting)
+    counting = CountingKernel(kernels.KERNELS["ikfad"])
+    monkeypatch.setitem(kernels.KERNELS, "ikfad", counting)
     generator = torch.Generator().manual_seed(1)
     sizes = torch.randint(1, 300, (200,), generator=generator).tolist()
     params, grads, states = make_tensors(sizes, torch.float32, 2)
     ref_params, ref_states = clone_all(params, states)
     kwargs = dict(lr=0.01, weight_decay=0.0, **RULES["ikfad"][2])
-    sums = kernels.launch("ikfad", params, grads, states, kwargs)
+    sums = launch("ikfad", params, grads, states, kwargs)
     ref_sums = reference_step("ikfad", ref_params, grads, ref_states, kwargs)
     assert counting.grids == [(200,)]  # one launch, one block per tensor (all < BLOCK)
     for p, ref in zip(params, ref_params):
@@ -139,8 +149,8 @@ def test_channels_last_layout_matches_reference():
     state = torch.rand_like(param)  # preserve_format: channels-last too
     ref_param, ref_state = param.clone(), state.clone()
     kwargs = dict(lr=0.01, weight_decay=0.0, **RULES["cubic_damped"][2])
-    kernels.launch("cubic_damped", [param], [grad], [[state]], kwargs)
-    cubic_damped_update(ref_param, grad, ref_state, **kwargs)
+    launch("cubic_damped", [param], [grad], [[state]], kwargs)
+    reference_step("cubic_damped", [ref_param], [grad], [[ref_state]], kwargs)
     assert_matches(param, ref_param)
     assert_matches(state, ref_state)
 
@@ -152,7 +162,7 @@ def test_mismatched_layouts_raise_before_changing_anything():
     before = param.clone()
     kwargs = dict(lr=0.01, weight_decay=0.0, **RULES["cubic_damped"][2])
     with pytest.raises(ValueError, match="same strides"):
-        kernels.launch("cubic_damped", [param], [grad], [[state]], kwargs)
+        launch("cubic_damped", [param], [grad], [[state]], kwargs)
     assert torch.equal(param, before)
 
 
@@ -160,24 +170,26 @@ def test_fp64_params_are_rejected_with_a_clear_error():
     params, grads, states = make_tensors([10], torch.float64, 1)
     kwargs = dict(lr=0.01, weight_decay=0.0, **RULES["cubic_damped"][2])
     with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
-        kernels.launch("cubic_damped", params, grads, states, kwargs)
+        launch("cubic_damped", params, grads, states, kwargs)
 
 
 def test_unknown_kernel_name_is_a_value_error():
-    with pytest.raises(ValueError, match="kernel_name must be one of"):
-        kernels.launch("adam", [], [], [], {})
+    with pytest.raises(ValueError, match="kernel name must be one of"):
+        launch("adam", [], [], [], {})
 
 
 def test_triton_on_cpu_outside_the_interpreter_is_a_clear_error(monkeypatch):
+    # One source of truth: how the kernels were built (not the environment variable now).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"  # built interpreted
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # as if built for a GPU
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
         resolve_backend("triton", torch.device("cpu"))
     # and the launcher itself refuses when its kernels were compiled for a GPU
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)
     params, grads, states = make_tensors([10], torch.float32, 1)
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
-        kernels.launch("cubic_damped", params, grads, states,
-                       dict(lr=0.01, weight_decay=0.0, **RULES["cubic_damped"][2]))
+        launch("cubic_damped", params, grads, states,
+               dict(lr=0.01, weight_decay=0.0, **RULES["cubic_damped"][2]))
 
 
 def test_tables_are_cached_and_follow_new_addresses():
