@@ -8,15 +8,23 @@ so any LR scheduler drives it. The update itself is torch.optim.SGD's, done by t
 functional ``sgd`` (single-tensor, foreach and fused paths), so with ``mu_min == mu_max`` the
 parameters are bit-identical to ``torch.optim.SGD`` with that momentum.
 
-Hybrid schedule (Sec. 7): once a trigger fires, every group switches to the constant
-``momentum`` for the rest of training. Triggers: ``switch_step`` (the optimizer step count),
-``observe(value)`` with ``value >= switch_metric`` (e.g. test accuracy 0.90, "Hybrid-90"),
-or ``switch()``.
+Hybrid schedule (Sec. 7): once a trigger fires, every group switches to its constant
+``switch_momentum`` for the rest of training. Triggers: ``switch_step`` (the optimizer step
+count), ``observe(value)`` with ``value >= switch_metric`` (e.g. test accuracy 0.90,
+"Hybrid-90"), or ``switch()``.
 
-``param_groups[i]["momentum"]`` always holds the momentum in effect for the group (so loggers and
-:class:`dampopt.diagnostics.RegimeMonitor` read the truth); the post-switch constant is kept under
-``"switch_momentum"``. Schedulers that write ``"momentum"`` (OneCycleLR with
-``cycle_momentum=True``) are overridden at the next step: use ``cycle_momentum=False``.
+Param-group keys (every setting lives in the groups, so torch's own ``state_dict``, pickling
+and deepcopy carry it):
+
+* ``"momentum"``: the momentum *in effect* now - the physics momentum before the switch, the
+  constant after - so loggers and :class:`dampopt.diagnostics.RegimeMonitor` read the truth.
+  It is written at every step: schedulers that write ``"momentum"`` (OneCycleLR with
+  ``cycle_momentum=True``) are overridden; use ``cycle_momentum=False``.
+* ``"switch_momentum"``: the post-switch constant. The constructor's ``momentum=`` sets it
+  (as torch.optim.SGD's ``momentum=``, so the drop-in call reads the same), and so does a
+  ``"momentum"`` key in a group passed to the constructor or ``add_param_group``.
+* ``"switch_step"``, ``"switch_metric"``: the triggers, optimizer-wide (the same in every
+  group); ``"switched_at"`` and ``"step"``: the switch state and the step count.
 
 fp16/bf16 parameters keep their dtype; their momentum buffers and the update math are fp32
 (torch.optim.SGD would keep them in the parameter's dtype).
@@ -60,6 +68,12 @@ _GROUP_REQUIRED = ("lr", "mu_min", "mu_max", "curvature", "switch_momentum", "da
                    "weight_decay")  # fmt: skip
 _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "fused": None,
                    "switched_at": None, "step": 0, "nonfinite": None}  # fmt: skip
+# optimizer-wide settings kept in every group (older state dicts kept them in "hybrid")
+_HYBRID = ("switch_step", "switch_metric")
+
+
+def _check_switch_metric(value, name: str = "switch_metric"):
+    return None if value is None else check_finite(name, value)
 
 
 @dataclass(frozen=True)
@@ -81,8 +95,9 @@ class PhysicsSGD(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch optimizer.
-        lr: learning rate (> 0), torch's meaning.
-        momentum: the constant momentum used after the hybrid switch (paper: 0.9).
+        lr: learning rate (> 0), torch's meaning (default 1e-3, torch.optim.SGD's).
+        momentum: the constant momentum used after the hybrid switch (paper: 0.9); stored as
+            ``"switch_momentum"`` (``group["momentum"]`` is the momentum in effect now).
         mu_min, mu_max: clamp of the physics momentum, in [0, 1) (paper: 0.5, 0.99).
         curvature: the curvature lambda in ``mu_c = 1 - 2 sqrt(lambda * lr)`` (default 1).
         dampening, weight_decay, nesterov, maximize, foreach, fused: as torch.optim.SGD.
@@ -96,7 +111,7 @@ class PhysicsSGD(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = 1e-3,
         momentum: float = 0.9,
         mu_min: float = 0.5,
         mu_max: float = 0.99,
@@ -122,8 +137,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         if nesterov and dampening != 0:
             raise ValueError("nesterov momentum requires dampening=0")
         check_int("switch_step", switch_step, 0, allow_none=True)
-        if switch_metric is not None:
-            switch_metric = check_finite("switch_metric", switch_metric)
+        switch_metric = _check_switch_metric(switch_metric)
         if fused and foreach:
             raise RuntimeError("`foreach` and `fused` cannot both be True")
         defaults = dict(
@@ -139,14 +153,13 @@ class PhysicsSGD(torch.optim.Optimizer):
             maximize=maximize,
             foreach=foreach,
             fused=fused,
+            switch_step=switch_step,
+            switch_metric=switch_metric,
             switched_at=None,
             step=0,
             nonfinite=_nonfinite.check_mode(nonfinite),
         )
-        self.switch_step = switch_step
-        self.switch_metric = switch_metric
         super().__init__(params, defaults)
-        self.register_state_dict_post_hook(PhysicsSGD._add_hybrid, prepend=True)
         if fused:
             # GradScaler hands scale and found_inf to the fused kernel instead of unscaling.
             self._step_supports_amp_scaling = True
@@ -154,13 +167,18 @@ class PhysicsSGD(torch.optim.Optimizer):
     # -- hybrid switch -------------------------------------------------------------------------
 
     def __setstate__(self, state):
+        # pickles from before the hybrid settings moved into the groups kept them here
+        hybrid = {key: state.pop(key) for key in _HYBRID if key in state}
         super().__setstate__(state)
-        if PhysicsSGD._add_hybrid not in self._optimizer_state_dict_post_hooks.values():
-            # pickle and deepcopy carry no hooks: the state dict's "hybrid" entry comes back
-            self.register_state_dict_post_hook(PhysicsSGD._add_hybrid, prepend=True)
+        for key in _HYBRID:
+            if key in hybrid:
+                self.defaults[key] = hybrid[key]
+            self.defaults.setdefault(key, None)
         for group in self.param_groups:  # older or partial state dicts: torch SGD's defaults
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
+            for key in _HYBRID:
+                group.setdefault(key, self.defaults[key])
 
     def add_param_group(self, param_group: dict) -> None:
         if "lr" in param_group:
@@ -172,10 +190,25 @@ class PhysicsSGD(torch.optim.Optimizer):
                 param_group.get("mu_min", self.defaults["mu_min"]),
                 param_group.get("mu_max", self.defaults["mu_max"]),
             )
+        for key in _HYBRID:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{key} is optimizer-wide (every group switches together): give it to "
+                    f"PhysicsSGD(...), not to one param group"
+                )
         if "momentum" in param_group:
             # A group's own "momentum" is its post-switch constant, as in the constructor.
+            if "switch_momentum" in param_group:
+                raise ValueError(
+                    "a param group sets both 'momentum' and 'switch_momentum': they name the "
+                    "same thing (the post-switch constant); give one"
+                )
             param_group = dict(param_group)
             param_group["switch_momentum"] = param_group.pop("momentum")
+        if "switch_momentum" in param_group:
+            value = check_non_negative("momentum", param_group["switch_momentum"])
+            if value >= 1:
+                raise ValueError(f"momentum must be in [0, 1), got {value}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if len(self.param_groups) > 1:
@@ -188,6 +221,29 @@ class PhysicsSGD(torch.optim.Optimizer):
     def steps(self) -> int:
         """Number of optimizer steps taken."""
         return self.param_groups[0]["step"] if self.param_groups else 0
+
+    @property
+    def switch_step(self) -> int | None:
+        """The step count at which the hybrid switch fires (None: never)."""
+        return self.defaults["switch_step"]
+
+    @switch_step.setter
+    def switch_step(self, value) -> None:
+        self._set_hybrid("switch_step", check_int("switch_step", value, 0, allow_none=True))
+
+    @property
+    def switch_metric(self) -> float | None:
+        """The threshold ``observe`` switches at (None: observe never switches)."""
+        return self.defaults["switch_metric"]
+
+    @switch_metric.setter
+    def switch_metric(self, value) -> None:
+        self._set_hybrid("switch_metric", _check_switch_metric(value))
+
+    def _set_hybrid(self, key: str, value) -> None:
+        self.defaults[key] = value
+        for group in self.param_groups:
+            group[key] = value
 
     @property
     def switched_at(self) -> int | None:
@@ -214,12 +270,6 @@ class PhysicsSGD(torch.optim.Optimizer):
                 self.switch()
         return self.switched_at is not None
 
-    @staticmethod
-    def _add_hybrid(optimizer, state_dict) -> None:
-        # A state_dict post-hook, registered first, so that every user post-hook sees it too.
-        state_dict["hybrid"] = {"switch_step": optimizer.switch_step,
-                                "switch_metric": optimizer.switch_metric}  # fmt: skip
-
     def load_state_dict(self, state_dict) -> None:
         # everything is checked, after the user's pre-hooks, before anything is stored
         with pre_hooks_applied(self, state_dict) as state_dict:
@@ -227,22 +277,34 @@ class PhysicsSGD(torch.optim.Optimizer):
                 self, state_dict, required=_GROUP_REQUIRED, defaults=_GROUP_DEFAULTS,
                 param_state=("momentum_buffer",),
             )  # fmt: skip
-            hybrid = state_dict.get("hybrid")
-            if hybrid is not None:
-                if not isinstance(hybrid, dict) or set(hybrid) != {"switch_step", "switch_metric"}:
-                    raise ValueError("state dict 'hybrid' must hold switch_step and switch_metric")
-                if hybrid["switch_metric"] is not None:
-                    check_finite("hybrid switch_metric", hybrid["switch_metric"])
+            state_dict = self._with_hybrid_in_groups(state_dict)
             load_state_dict_keeping_state_dtype(self, state_dict, super().load_state_dict)
-        if hybrid is not None:
-            self.switch_step = hybrid["switch_step"]
-            self.switch_metric = hybrid["switch_metric"]
+        for key in _HYBRID:  # optimizer-wide: new groups get the loaded values
+            self.defaults[key] = self.param_groups[0][key]
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["switch_step"] = self.switch_step
-        state["switch_metric"] = self.switch_metric
-        return state
+    def _with_hybrid_in_groups(self, state_dict) -> dict:
+        """A state dict whose groups hold the hybrid settings: older ones kept them in a
+        top-level "hybrid" entry, and the oldest nowhere (then the current ones stay)."""
+        hybrid = state_dict.get("hybrid")
+        if hybrid is not None:
+            if not isinstance(hybrid, dict) or set(hybrid) != set(_HYBRID):
+                raise ValueError("state dict 'hybrid' must hold switch_step and switch_metric")
+            check_int("hybrid switch_step", hybrid["switch_step"], 0, allow_none=True)
+            _check_switch_metric(hybrid["switch_metric"], "hybrid switch_metric")
+        groups = []
+        for saved in state_dict["param_groups"]:
+            saved = dict(saved)
+            for key in _HYBRID:
+                if key not in saved:
+                    saved[key] = hybrid[key] if hybrid is not None else self.defaults[key]
+            check_int("switch_step", saved["switch_step"], 0, allow_none=True)
+            _check_switch_metric(saved["switch_metric"])
+            groups.append(saved)
+        if any(g[key] != groups[0][key] for g in groups for key in _HYBRID):
+            raise ValueError("state dict param groups disagree on switch_step/switch_metric")
+        state_dict = {k: v for k, v in state_dict.items() if k != "hybrid"}
+        state_dict["param_groups"] = groups
+        return state_dict
 
     # -- damping -------------------------------------------------------------------------------
 
@@ -303,9 +365,10 @@ class PhysicsSGD(torch.optim.Optimizer):
             return loss
 
         for group in self.param_groups:
-            if self.switch_step is not None and group["switched_at"] is None:
-                if group["step"] >= self.switch_step:
-                    group["switched_at"] = self.switch_step
+            switch_step = group["switch_step"]
+            if switch_step is not None and group["switched_at"] is None:
+                if group["step"] >= switch_step:
+                    group["switched_at"] = switch_step
             group["momentum"] = mu = self._momentum_for(group)
             if group["fused"] and group["foreach"]:
                 raise RuntimeError("`foreach` and `fused` cannot both be True")

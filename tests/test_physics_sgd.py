@@ -316,3 +316,58 @@ def test_fused_path_refuses_dtensor_parameters_before_changing_anything(tmp_path
         assert torch.allclose(param.full_tensor(), torch.full((4,), 0.9))
     finally:
         dist.destroy_process_group()
+
+
+def test_hybrid_settings_live_in_the_param_groups_and_older_state_dicts_still_load():
+    model = _model()
+    optimizer = PhysicsSGD(model.parameters(), lr=0.01, switch_metric=0.9, switch_step=7)
+    _train(model, optimizer, 2)
+    state = optimizer.state_dict()
+    assert "hybrid" not in state  # torch's own state_dict carries everything
+    assert [(g["switch_step"], g["switch_metric"]) for g in state["param_groups"]] == [(7, 0.9)]
+    # a state dict of the previous layout: settings in a top-level "hybrid" entry
+    older = copy.deepcopy(state)
+    for group in older["param_groups"]:
+        del group["switch_step"], group["switch_metric"]
+    older["hybrid"] = {"switch_step": 3, "switch_metric": None}
+    other = PhysicsSGD(_model().parameters(), lr=0.5)
+    other.load_state_dict(older)
+    assert (other.switch_step, other.switch_metric) == (3, None)
+    assert other.param_groups[0]["switch_step"] == 3 and "hybrid" in older  # input untouched
+    # the oldest: no hybrid settings anywhere, so the optimizer keeps its own
+    del older["hybrid"]
+    keeper = PhysicsSGD(_model().parameters(), lr=0.5, switch_step=11)
+    keeper.load_state_dict(older)
+    assert keeper.switch_step == 11 and keeper.param_groups[0]["switch_step"] == 11
+    # a pickle of the previous layout kept them as attributes
+    legacy = dict(copy.deepcopy(optimizer.__getstate__()), switch_step=5, switch_metric=0.8)
+    for group in [legacy["defaults"], *legacy["param_groups"]]:
+        del group["switch_step"], group["switch_metric"]
+    revived = PhysicsSGD.__new__(PhysicsSGD)
+    revived.__setstate__(legacy)
+    assert (revived.switch_step, revived.switch_metric) == (5, 0.8)
+    assert revived.param_groups[0]["switch_metric"] == 0.8
+
+
+def test_switch_settings_are_optimizer_wide_and_momentum_names_are_unambiguous():
+    model = _model()
+    weight, *rest = model.parameters()
+    optimizer = PhysicsSGD([weight], lr=0.01, switch_step=4)
+    with pytest.raises(ValueError, match="switch_step is optimizer-wide"):
+        optimizer.add_param_group({"params": rest, "switch_step": 9})
+    with pytest.raises(ValueError, match="both 'momentum' and 'switch_momentum'"):
+        optimizer.add_param_group({"params": rest, "momentum": 0.8, "switch_momentum": 0.7})
+    with pytest.raises(ValueError, match="momentum must be in"):
+        optimizer.add_param_group({"params": rest, "switch_momentum": 1.5})
+    assert len(optimizer.param_groups) == 1  # nothing half-added
+    optimizer.add_param_group({"params": rest, "momentum": 0.8})
+    assert optimizer.param_groups[1]["switch_momentum"] == 0.8
+    optimizer.switch_step = 2  # the setter reaches every group
+    assert [g["switch_step"] for g in optimizer.param_groups] == [2, 2]
+    with pytest.raises(ValueError, match="switch_step"):
+        optimizer.switch_step = -1
+
+
+def test_default_lr_is_torch_sgds():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert PhysicsSGD(params).defaults["lr"] == torch.optim.SGD(params).defaults["lr"] == 1e-3
