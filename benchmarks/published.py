@@ -2,12 +2,13 @@
 
 Karoni, Rajpal, Leimkuhler & Stoltz (2026) publish iKFAD, CD and CADAM in this style:
 hyperparameters are one-element device tensors and each sub-step is its own pass over all
-parameters, building temporaries. This file writes that style out so the benchmarks can time it against the fused
-paths; it is not part of dampopt and nothing imports it outside ``benchmarks/``.
+parameters, building temporaries. This file writes that style out so the benchmarks can time
+it against the fused paths; it is not part of dampopt and nothing imports it outside
+``benchmarks/``.
 
 The math is the same as dampopt's (``lr = h**2``, sub-steps in the order of the README's
-Update rules,
-momentum starting at 0; the authors start CD's momentum at ``+grad``, which changes no timing).
+"Update rules", momentum starting at 0; the authors start CD's momentum at ``+grad``, which
+changes no timing).
 """
 
 from __future__ import annotations
