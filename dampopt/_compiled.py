@@ -79,6 +79,35 @@ def _mark_changed(params, states) -> None:
         increment_version(tensor)
 
 
+# -- when "auto" compiles -----------------------------------------------------------------------
+
+#: Seconds the first compile in a process costs here (empty inductor cache; later rules and a
+#: warm cache cost 2-5 s), and the least time a compiled step saved over the foreach step per
+#: element of the large tensors (CD; CADAM and iKFAD save more), measured on ResNet-18 shapes
+#: (benchmarks/README.md, "When auto compiles"). "auto" runs the foreach step until the time it
+#: lost that way would have paid for a compile, then compiles (the ski-rental rule: never more
+#: than about twice the better choice in hindsight). ResNet-18: after ~400 steps; a short run
+#: never compiles.
+COMPILE_SECONDS = 19.0
+SAVING_SECONDS_PER_ELEMENT = 4.0e-9
+_FOREACH_ELEMENTS: dict = {}  # rule name -> large-tensor elements run by foreach under "auto"
+
+
+def worth_compiling(rule, params) -> bool:
+    """Whether ``backend="auto"`` should compile ``rule`` for this bucket now; counts the
+    bucket's large-tensor elements against the break-even when it should not yet."""
+    large = sum(p.numel() for p in params if p.numel() >= SMALL_TENSOR)
+    if not large:
+        return False  # nothing would be compiled anyway: the foreach step, as today
+    if any(key[0] == rule.name for key in _COMPILED):
+        return True  # already paid in this process
+    seen = _FOREACH_ELEMENTS.get(rule.name, 0)
+    if seen * SAVING_SECONDS_PER_ELEMENT >= COMPILE_SECONDS:
+        return True
+    _FOREACH_ELEMENTS[rule.name] = seen + large
+    return False
+
+
 #: tensors with fewer elements go through the rule's foreach version in one batch: a compiled
 #: call costs 0.15-0.45 ms of host time here (guards, aliases), more than such a tensor's step
 SMALL_TENSOR = 1 << 15

@@ -156,6 +156,11 @@ class FrictionOptimizer(torch.optim.Optimizer):
             plan = []
             for (device, dtype), bucket in buckets.items():
                 backend = resolve_backend(group["backend"], device, dtype)
+                if backend == "compiled" and group["backend"] == "auto":
+                    from . import _compiled
+
+                    if not _compiled.worth_compiling(self.rule, bucket):
+                        backend = "torch"  # until a compile would have paid for itself
                 if backend == "triton":
                     self._admit_to_triton(bucket)
                 plan.append((backend, bucket))
@@ -215,8 +220,9 @@ def _triton_available() -> bool:
 
 
 #: The backend "auto" picks for CPU tensors: the fastest measured there (benchmarks/README.md).
-#: It compiles once per bucket on the first step (seconds; cached on disk) and runs tensors
-#: under dampopt._compiled.SMALL_TENSOR elements uncompiled, so small models never compile.
+#: It runs the foreach step until the compile would have paid for itself
+#: (dampopt._compiled.worth_compiling), then compiles once per rule (seconds; cached on disk);
+#: tensors under dampopt._compiled.SMALL_TENSOR elements are never compiled.
 cpu_backend = "compiled"
 
 

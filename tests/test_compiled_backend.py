@@ -147,3 +147,39 @@ def test_a_new_rule_runs_on_every_cpu_backend_without_editing_them():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(torch.stack(sums), torch.stack(want_sums))
     assert issubclass(iKFAD, FrictionOptimizer) and iKFAD.rule.summed_state == "friction"
+
+
+def test_auto_runs_foreach_until_a_compile_would_have_paid_for_itself(monkeypatch):
+    from dampopt import _friction
+
+    monkeypatch.setattr(_compiled, "SMALL_TENSOR", 1000)
+    monkeypatch.setattr(_friction, "_cpp_compiler_available", lambda: True)
+    monkeypatch.setattr(_compiled, "_COMPILED", {})  # a fresh process: nothing compiled yet
+    monkeypatch.setattr(_compiled, "_FOREACH_ELEMENTS", {})
+    # break-even after 2 steps of this model's one large tensor (1000 elements)
+    monkeypatch.setattr(_compiled, "COMPILE_SECONDS", 2000 * _compiled.SAVING_SECONDS_PER_ELEMENT)
+    calls = []
+    real = _compiled._compiled_steps
+    monkeypatch.setattr(_compiled, "_compiled_steps",
+                        lambda *args: calls.append(len(calls)) or real(*args))  # fmt: skip
+    hyper = CASES["cubic_damped"][1]
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=generator) for s in [(7,), (40, 25)]]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    runs = {}
+    for backend in ("auto", "loop"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = CubicDampedSGD(params, lr=0.01, backend=backend, **hyper)
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+            if backend == "auto":
+                assert len(calls) == max(0, step - 1), step  # steps 0, 1 foreach; then compiled
+        runs[backend] = params
+    for p, ref in zip(runs["auto"], runs["loop"]):
+        torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-6)
+    # a model without large tensors never counts towards a compile
+    small = [torch.nn.Parameter(torch.randn(10))]
+    small[0].grad = torch.randn(10)
+    assert not _compiled.worth_compiling(CubicDampedSGD.rule, small)
