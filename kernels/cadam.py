@@ -1,6 +1,6 @@
 """CADAM in one pass: read q, g, p, zeta once, write q, p, zeta once.
 
-Mirrors :func:`dampopt.cadam.cadam_update` line by line (B, C, A, D, E).
+Mirrors :func:`dampopt.cadam.cadam_step` line by line (B, C, A, D, E).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CubicDampedSGD in one pass: read q, g, p once, write q, p once.
 
-Mirrors :func:`dampopt.cubic_damped_sgd.cubic_damped_update` line by line (B, A, C, D).
+Mirrors :func:`dampopt.cubic_damped_sgd.cubic_damped_step` line by line (B, A, C, D).
 """
 
 from __future__ import annotations

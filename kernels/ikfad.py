@@ -1,6 +1,6 @@
 """iKFAD in one pass: read q, g, p, xi once, write q, p, xi once, and sum the new xi.
 
-Mirrors :func:`dampopt.ikfad.ikfad_update` line by line (sub-steps B, A, C, D in that order,
+Mirrors :func:`dampopt.ikfad.ikfad_step` line by line (sub-steps B, A, C, D in that order,
 fp32 math, the same host-side scalars).
 """
 
