@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 
-from presets import Preset
+from .presets import Preset
 
 METHOD_LABELS = {
     "baseline": "Baseline (mu = 0.9)",
