@@ -12,8 +12,15 @@ import torch
 import torch.distributed as dist
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return rank_and_world_size()[1] > 1
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

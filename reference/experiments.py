@@ -31,15 +31,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import files
 import torch
-from data import DeviceData, TensorLoader
-from models import LAYER_GROUPS, build_model
-from presets import Preset
-from training import Recipe, Settings, TrainingRun, predict, train, world
 
 import dampopt
 from dampopt import diagnostics
+from dampopt._distributed import rank_and_world_size
+
+from . import files
+from .data import DeviceData, TensorLoader
+from .models import LAYER_GROUPS, build_model
+from .presets import Preset
+from .training import Recipe, Settings, TrainingRun, predict, train
 
 ONE_CYCLE_MOMENTUM = (0.85, 0.95)  # mu at lr_max, mu at lr_min
 BASELINE_MOMENTUM = 0.9
@@ -114,7 +116,7 @@ class Lab:
         self.preset, self.data, self.settings = preset, data, settings
         self.runs: dict[str, TrainingRun] = {}
         self.hybrid_switch_epoch: int | None = None
-        rank, world_size = world()
+        rank, world_size = rank_and_world_size()
         shard = math.ceil(len(data.train_labels) / world_size)
         self.steps_per_epoch = math.ceil(shard / (settings.batch_size // world_size))
         self.rank, self.world_size = rank, world_size

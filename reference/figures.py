@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import files
-import matplotlib
+import dampopt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from . import files, needs_extra
+
+with needs_extra():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
 
 COLORS = {"baseline": "tab:blue", "1cycle": "tab:orange", "physics": "tab:green",
           "ikfad": "tab:purple", "cd": "tab:brown", "adam": "tab:gray",
@@ -86,7 +90,7 @@ def figure_1(runs: list, path: Path) -> None:
     epochs = np.arange(1, len(lr) + 1)
     _curve(left, epochs, [methods["baseline"]["lr"] for methods in runs], "black", None)
     left.set(xlabel="epoch", ylabel="learning rate", title="Cosine learning rate" + note)
-    mu_c = 1 - 2 * np.sqrt(lr)
+    mu_c = np.array([dampopt.critical_momentum(x) for x in lr])
     right.fill_between(epochs, mu_c, 1.0, color=REGIME_COLORS["underdamped"], alpha=0.12,
                        label="underdamped (mu > mu_c)")
     right.fill_between(epochs, min(mu_c.min(), 0.3), mu_c, color=REGIME_COLORS["overdamped"],

@@ -67,6 +67,7 @@ def save(obj, path: Path) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically: readers see the old file or the whole new one."""
     with atomic_path(path) as temporary:
         Path(temporary).write_text(text, encoding="utf-8")
 

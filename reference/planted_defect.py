@@ -23,14 +23,16 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
+    from dampopt.reference import run_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dampopt from this checkout
+    run_file(__file__)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from dampopt.diagnostics import localize, predict, treat, verify  # noqa: E402
 

@@ -1,9 +1,12 @@
 """Tables 3-14 as "paper | this run", and the paper's claims checked against this run.
 
-Computing is in experiments.py; this module only arranges numbers. Each table is a dict
-``{"id", "title", "note", "columns": [{"name", "paper", "format"}], "rows": [{"label",
-"paper": [...], "values": [...]}]}`` in which ``values`` holds one entry per seed; rendering
-shows one seed's value or the mean +- std over seeds. The paper's numbers below are copied
+Computing is in experiments.py; this module only arranges numbers. Each table is built by one
+function (``table_3`` ... ``table_14``, in :data:`TABLES`) as a dict ``{"id", "title", "note",
+"columns": [{"name", "paper", "format"}], "rows": [{"label", "paper": [...], "values":
+[...]}]}`` in which ``values`` holds one entry per seed; rendering shows one seed's value or
+the mean +- std over seeds. Every cell is printed by one of the named :data:`FORMATS`: its
+column's, or - in the tables whose rows are different quantities (10 and 13) - its row's,
+which the value carries as a tag (``{"acc": 0.95}``). The paper's numbers below are copied
 from its Tables 3-14 (ResNet-18 on CIFAR-10, seed 42).
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-from presets import Preset
+from .presets import Preset
 
 METHOD_LABELS = {
     "baseline": "Baseline (mu = 0.9)",
@@ -67,11 +70,25 @@ CORRECTION_METHODS = {
 }
 
 
+# -- the tables: one function each, returning {"id", "title", "note", "columns", "rows"} --------
+
+
+def _table(id: str, title: str, note: str, columns: list, rows: list) -> dict:
+    return {"id": id, "title": title, "note": note, "columns": columns, "rows": rows}
+
+
 def _column(name, paper=None, fmt="num"):
+    """A column: its header here, the paper's header, and the format of its cells."""
     return {"name": name, "paper": paper if paper is not None else name, "format": fmt}
 
 
-def _row(label, paper, values):
+def _row(label, paper, values, fmt=None):
+    """A row of one seed's ``values``; ``fmt`` gives a row of a mixed table its own format.
+
+    In results.json such a row's values carry their format as a tag, ``{"acc": 0.95}``.
+    """
+    if fmt is not None:
+        values = [None if v is None else {fmt: v} for v in values]
     return {"label": label, "paper": list(paper), "values": [[v] for v in values]}
 
 
@@ -80,233 +97,259 @@ def _threshold_columns(preset: Preset):
             for paper, ours in zip(PAPER_THRESHOLDS, preset.thresholds)]  # fmt: skip
 
 
-def build_tables(results: dict, preset: Preset) -> list:
-    """The tables of one seed's ``results`` (experiments.run_seed)."""
-    e1, e2, e3, e4 = (results[f"experiment_{i}"] for i in range(1, 5))
-    m1 = e1["methods"]
-    trio = ("baseline", "1cycle", "physics")
-    tables = []
+TRIO = ("baseline", "1cycle", "physics")
 
-    tables.append({
-        "id": "3", "title": "Final accuracy",
-        "note": "Best test accuracy over epochs; training time is measured wall time.",
-        "columns": [_column("Best test accuracy", fmt="acc"),
-                    _column("Training time (s)", fmt="seconds")],
-        "rows": [_row(METHOD_LABELS[m], PAPER["table3"][m],
-                      [m1[m]["best_accuracy"], m1[m]["training_seconds"]]) for m in trio],
-    })
-    tables.append({
-        "id": "4", "title": "Epochs to reach accuracy thresholds",
-        "note": "Column headers: this run's threshold (the paper's in the paper column). "
-                "'-' = not reached.",
-        "columns": _threshold_columns(preset),
-        "rows": [_row(METHOD_LABELS[m], PAPER["table4"][m],
-                      [m1[m]["epochs_to"][f"{t:.0%}"] for t in preset.thresholds])
-                 for m in trio],
-    })
-    tables.append({
-        "id": "5", "title": "Early training accuracy",
-        "note": "The paper's epochs 1, 10, 50 of 200 at the same fractions of this run's epochs.",
-        "columns": [_column(f"Epoch {ours}", f"Epoch {paper}", "acc")
-                    for paper, ours in zip((1, 10, 50), preset.early_epochs)],
-        "rows": [_row(METHOD_LABELS[m], PAPER["table5"][m],
-                      [m1[m]["accuracy_at"][str(e)] for e in preset.early_epochs])
-                 for m in trio],
-    })
-    tables.append({
-        "id": "6", "title": "Damping regime of every epoch",
-        "note": f"Counts over {preset.epochs} epochs (paper: 200); tol 0.05 on mu - mu_c. "
-                "The paper counts its clamped physics phase as critical; the rule as written "
-                "(update-rules.md) can count it underdamped.",
-        "columns": [_column("Underdamped", fmt="int"), _column("Critical", fmt="int"),
-                    _column("Overdamped", fmt="int")],
-        "rows": [_row(METHOD_LABELS[m], PAPER["table6"][m],
-                      [m1[m]["regimes"][r] for r in ("underdamped", "critical", "overdamped")])
-                 for m in trio],
-    })
 
-    errors = e2["errors"]
+def table_3(results: dict, preset: Preset) -> dict:
+    m1 = results["experiment_1"]["methods"]
+    return _table(
+        "3", "Final accuracy",
+        "Best test accuracy over epochs; training time is measured wall time.",
+        [_column("Best test accuracy", fmt="acc"), _column("Training time (s)", fmt="seconds")],
+        [_row(METHOD_LABELS[m], PAPER["table3"][m],
+              [m1[m]["best_accuracy"], m1[m]["training_seconds"]]) for m in TRIO],
+    )  # fmt: skip
+
+
+def table_4(results: dict, preset: Preset) -> dict:
+    m1 = results["experiment_1"]["methods"]
+    return _table(
+        "4", "Epochs to reach accuracy thresholds",
+        "Column headers: this run's threshold (the paper's in the paper column). "
+        "'-' = not reached.",
+        _threshold_columns(preset),
+        [_row(METHOD_LABELS[m], PAPER["table4"][m],
+              [m1[m]["epochs_to"][f"{t:.0%}"] for t in preset.thresholds]) for m in TRIO],
+    )  # fmt: skip
+
+
+def table_5(results: dict, preset: Preset) -> dict:
+    m1 = results["experiment_1"]["methods"]
+    return _table(
+        "5", "Early training accuracy",
+        "The paper's epochs 1, 10, 50 of 200 at the same fractions of this run's epochs.",
+        [_column(f"Epoch {ours}", f"Epoch {paper}", "acc")
+         for paper, ours in zip((1, 10, 50), preset.early_epochs)],
+        [_row(METHOD_LABELS[m], PAPER["table5"][m],
+              [m1[m]["accuracy_at"][str(e)] for e in preset.early_epochs]) for m in TRIO],
+    )  # fmt: skip
+
+
+def table_6(results: dict, preset: Preset) -> dict:
+    m1 = results["experiment_1"]["methods"]
+    regimes = ("underdamped", "critical", "overdamped")
+    return _table(
+        "6", "Damping regime of every epoch",
+        f"Counts over {preset.epochs} epochs (paper: 200); tol 0.05 on mu - mu_c. The paper "
+        "counts its clamped physics phase as critical; the rule as written (update-rules.md) "
+        "can count it underdamped.",
+        [_column(regime.capitalize(), fmt="int") for regime in regimes],
+        [_row(METHOD_LABELS[m], PAPER["table6"][m], [m1[m]["regimes"][r] for r in regimes])
+         for m in TRIO],
+    )  # fmt: skip
+
+
+def table_7(results: dict, preset: Preset) -> dict:
+    errors = results["experiment_2"]["errors"]
     pair = {(p["correct"], p["wrong"]): p["count"] for p in errors["correct_wrong"]}
-    p7 = PAPER["table7"]
-    tables.append({
-        "id": "7", "title": "Cross-model error analysis",
-        "note": f"On {results['test_size']} test images.",
-        "columns": [_column("Count", fmt="int")],
-        "rows": [
-            _row("Common errors (all 3 methods wrong)", [p7["common"]], [errors["common_errors"]]),
-            _row("Only baseline wrong", [p7["baseline"]], [errors["only_wrong"]["baseline"]]),
-            _row("Only physics wrong", [p7["physics"]], [errors["only_wrong"]["physics"]]),
-            _row("Only 1cycle wrong", [p7["1cycle"]], [errors["only_wrong"]["1cycle"]]),
-            _row("Physics correct, baseline wrong", [p7["physics_right_baseline_wrong"]],
-                 [pair[("physics", "baseline")]]),
-        ],
-    })
+    only, paper = errors["only_wrong"], PAPER["table7"]
+    return _table(
+        "7", "Cross-model error analysis", f"On {results['test_size']} test images.",
+        [_column("Count", fmt="int")],
+        [_row("Common errors (all 3 methods wrong)", [paper["common"]], [errors["common_errors"]]),
+         _row("Only baseline wrong", [paper["baseline"]], [only["baseline"]]),
+         _row("Only physics wrong", [paper["physics"]], [only["physics"]]),
+         _row("Only 1cycle wrong", [paper["1cycle"]], [only["1cycle"]]),
+         _row("Physics correct, baseline wrong", [paper["physics_right_baseline_wrong"]],
+              [pair[("physics", "baseline")]])],
+    )  # fmt: skip
 
+
+def table_8(results: dict, preset: Preset) -> dict:
+    e2 = results["experiment_2"]
     where, specific = e2["localization"], e2["specific_localization"]
     problems, significant = set(where["problem_layers"]), set(specific["problem_layers"])
-    tables.append({
-        "id": "8", "title": "Per-layer gradient norms on misclassified images (baseline)",
-        "note": f"On the localize half of the test set ({e2['localize_size']} images). Paper's "
-                f"rule: {where['message']}; flagged above the median. Specific criterion: "
-                f"{specific['message']}. Specificity: per cell (a few errors and as many "
-                "correct images of one batch), a group's grad norm on the errors over its norm "
-                "on the correct images, relative to the geometric mean of that ratio over the "
-                "groups (1 = the errors pull on it as other images do); geometric mean over "
-                "cells, 95% bootstrap interval, one-sided sign-flip p-value (Monte Carlo above 16 "
-                "cells), Holm over "
-                "the 7 groups; flagged by the significant rule when Holm p < "
-                f"{specific['alpha']:g}.",
-        "columns": [_column("Grad norm", fmt="float"), _column("Status", fmt="text"),
-                    _column("Params", "-", "int"), _column("Specificity", "-", "float"),
-                    _column("95% interval", "-", "text"), _column("p (Holm)", "-", "float"),
-                    _column("Significant rule", "-", "text")],
-        "rows": [_row(g, (*PAPER["table8"][g], None, None, None, None, None),
-                      [where["grad_norms"][g], "Problem" if g in problems else "Normal",
-                       where["group_sizes"][g], specific["specificity"][g],
-                       _interval(specific["intervals"][g]), specific["adjusted_p_values"][g],
-                       "Problem" if g in significant else "Normal"]) for g in GROUP_ORDER],
-    })
-    pairs = e2["diagnosis"]["pairs"]
-    tables.append({
-        "id": "9", "title": "Most frequent confusion pairs (baseline) with layer attribution",
-        "note": "true -> predicted (attributed layer), count. Attributed among the flagged "
-                "groups by specificity; 'not distinguishable' unless the leader's paired per-cell "
-                "difference to the runner-up is positive at one-sided p < 0.025 (the paper "
-                "names the largest grad norm).",
-        "columns": [_column("Confusion", fmt="text")],
-        "rows": [_row(f"#{i + 1}", [PAPER["table9"][i]],
-                      [_confusion(pairs[i]) if i < len(pairs) else None]) for i in range(7)],
-    })
-    a = e2["correction"]
-    p10 = PAPER["table10"]
-    tables.append({
-        "id": "10", "title": "Surgical correction of the flagged layers (Method A)",
-        "note": f"Retrained {', '.join(a['layers'])} for {preset.correction_epochs} epochs from "
-                f"lr {preset.correction_lr} with physics momentum; verified on the verify half "
-                f"of the test set ({e2['verify_size']} images the localization did not see; "
-                "the paper verified on the images it localized on). Saving (count): "
-                "1 - (epochs x groups) / (training epochs x 7); saving (measured): 1 - "
-                "correction wall time / baseline training wall time.",
-        "columns": [_column("Value", fmt="auto")],
-        "rows": [
-            _row("Accuracy before", [p10["accuracy_before"]], [_acc(a["accuracy_before"])]),
-            _row("Accuracy after", [p10["accuracy_after"]], [_acc(a["accuracy_after"])]),
-            _row("Total errors before", [p10["errors_before"]], [a["errors_before"]]),
-            _row("Total errors after", [p10["errors_after"]], [a["errors_after"]]),
-            _row("Errors fixed", [p10["fixed"]], [a["fixed"]]),
-            _row("New errors", [p10["new"]], [a["new"]]),
-            _row("Net improvement", [_signed(p10["net"])], [_signed(a["net"])]),
-            _row("McNemar p (exact)", [None], [a["p_value"]]),
-            _row("Compute (epochs x layers)", [p10["compute"]],
-                 [f"{preset.correction_epochs} x {len(a['layers'])} layers"]),
-            _row("Compute saving (count)", [p10["saving"]], [_pct(a["saving"]["paper_saving"])]),
-            _row("Compute saving (measured)", [None], [_pct(a["saving"]["measured_saving"])]),
-        ],
-    })
+    return _table(
+        "8", "Per-layer gradient norms on misclassified images (baseline)",
+        f"On the localize half of the test set ({e2['localize_size']} images). Paper's rule: "
+        f"{where['message']}; flagged above the median. Specific criterion: "
+        f"{specific['message']}. Specificity: per cell (a few errors and as many correct images "
+        "of one batch), a group's grad norm on the errors over its norm on the correct images, "
+        "relative to the geometric mean of that ratio over the groups (1 = the errors pull on it "
+        "as other images do); geometric mean over cells, 95% bootstrap interval, one-sided "
+        "sign-flip p-value (Monte Carlo above 16 cells), Holm over the 7 groups; flagged by the "
+        f"significant rule when Holm p < {specific['alpha']:g}.",
+        [_column("Grad norm", fmt="float"), _column("Status", fmt="text"),
+         _column("Params", "-", "int"), _column("Specificity", "-", "float"),
+         _column("95% interval", "-", "text"), _column("p (Holm)", "-", "float"),
+         _column("Significant rule", "-", "text")],
+        [_row(g, (*PAPER["table8"][g], None, None, None, None, None),
+              [where["grad_norms"][g], "Problem" if g in problems else "Normal",
+               where["group_sizes"][g], specific["specificity"][g],
+               _interval(specific["intervals"][g]), specific["adjusted_p_values"][g],
+               "Problem" if g in significant else "Normal"]) for g in GROUP_ORDER],
+    )  # fmt: skip
 
-    for key, label, title in (("controls", "10b", "paper's flagged layers"),
-                              ("specific_controls", "10c", "specific criterion's flagged layers")):
-        tables.append(_controls_table(e2[key], label, title, preset))
 
-    t3 = e3["trainings"]
-    tables.append({
-        "id": "11", "title": "Five training methods",
-        "note": "Errors: misclassified test images of the final model.",
-        "columns": [_column("Best test accuracy", fmt="acc"), _column("Errors", fmt="int")],
-        "rows": [_row(METHOD_LABELS[m], PAPER["table11"][m],
-                      [t3[m]["best_accuracy"], t3[m]["errors"]]) for m in t3],
-    })
-    layers, overlap = e3["layers"], e3["overlap"]
-    p12 = PAPER["table12"]
+def table_9(results: dict, preset: Preset) -> dict:
+    pairs = results["experiment_2"]["diagnosis"]["pairs"]
+    return _table(
+        "9", "Most frequent confusion pairs (baseline) with layer attribution",
+        "true -> predicted (attributed layer), count. Attributed among the flagged groups by "
+        "specificity; 'not distinguishable' unless the leader's paired per-cell difference to "
+        "the runner-up is positive at one-sided p < 0.025 (the paper names the largest grad "
+        "norm).",
+        [_column("Confusion", fmt="text")],
+        [_row(f"#{i + 1}", [PAPER["table9"][i]], [_confusion(pairs[i]) if i < len(pairs) else None])
+         for i in range(7)],
+    )  # fmt: skip
 
-    def shared(comparison):
-        return (f"{', '.join(comparison['intersection']) or 'none'} "
-                f"({len(comparison['intersection'])}/{len(comparison['a'])})")
 
-    tables.append({
-        "id": "12", "title": "Problem layers found by each diagnostic",
-        "note": "Gradient attribution flags above the median; iKFAD ranks groups by accumulated "
-                "friction per element.",
-        "columns": [_column("Problem layers", fmt="text")],
-        "rows": [
-            _row("Ours (grad attr. on SGD baseline)", [p12["sgd"]], [", ".join(layers["sgd"])]),
-            _row("iKFAD (friction xi)", [p12["ikfad"]], [", ".join(layers["ikfad"])]),
-            _row("Ours (grad attr. on Adam)", [p12["adam"]], [", ".join(layers["adam"])]),
-            _row("SGD-iKFAD overlap", [p12["sgd_ikfad"]], [shared(overlap["sgd_ikfad"])]),
-            _row("SGD-Adam overlap", [p12["sgd_adam"]], [shared(overlap["sgd_adam"])]),
-        ],
-    })
-    c = e3["corrections"]
-    p13 = PAPER["table13"]
-    tables.append({
-        "id": "13", "title": "Surgical correction: five strategies",
-        "note": f"Before (baseline): {c['A']['accuracy_before']:.2%} (paper 95.47%). "
-                f"A-D correct the baseline, E the Adam model; all {preset.correction_epochs} "
-                "epochs with physics momentum.",
-        "columns": [_column(CORRECTION_METHODS[k], fmt="auto") for k in "ABCDE"],
-        "rows": [
-            _row("Accuracy", [p13[k][0] for k in "ABCDE"],
-                 [_acc(c[k]["accuracy_after"]) for k in "ABCDE"]),
-            _row("Errors fixed", [p13[k][1] for k in "ABCDE"], [c[k]["fixed"] for k in "ABCDE"]),
-            _row("New errors", [p13[k][2] for k in "ABCDE"], [c[k]["new"] for k in "ABCDE"]),
-            _row("Net improvement", [_signed(p13[k][3]) for k in "ABCDE"],
-                 [_signed(c[k]["net"]) for k in "ABCDE"]),
-            _row("McNemar p (exact)", [None] * 5, [c[k]["p_value"] for k in "ABCDE"]),
-            _row("Trained elements", [None] * 5, [_pct(c[k]["element_fraction"]) for k in "ABCDE"]),
-        ],
-    })  # fmt: skip
-
-    m4 = e4["methods"]
-    same = m4["hybrid-mid"]["test_accuracy"] == m4["hybrid-epoch"]["test_accuracy"]
-    tables.append({
-        "id": "14", "title": "Hybrid momentum: epochs to thresholds and best accuracy",
-        "note": f"Hybrid-mid switches after the epoch whose test accuracy first reaches "
-                f"{preset.mid_threshold:.0%}; Hybrid-epoch after epoch "
-                f"{e4['hybrid_switch_epoch']} (where physics reached it in Experiment 1). "
-                "Switch: first epoch run with mu = 0.9."
-                + (" Here the two hybrids are the same run: training is deterministic, so "
-                   "Hybrid-mid follows physics exactly until it reaches the threshold at the "
-                   "Experiment 1 epoch." if same else ""),
-        "columns": [_column("Best acc.", fmt="acc"), *_threshold_columns(preset),
-                    _column("Switch", fmt="epoch")],
-        "rows": [_row(METHOD_LABELS[m], PAPER["table14"][m],
-                      [m4[m]["best_accuracy"],
-                       *[m4[m]["epochs_to"][f"{t:.0%}"] for t in preset.thresholds],
-                       m4[m]["switch_epoch"]]) for m in m4],
-    })
-    return tables
+def table_10(results: dict, preset: Preset) -> dict:
+    e2 = results["experiment_2"]
+    a, paper, saving = e2["correction"], PAPER["table10"], e2["correction"]["saving"]
+    return _table(
+        "10", "Surgical correction of the flagged layers (Method A)",
+        f"Retrained {', '.join(a['layers'])} for {preset.correction_epochs} epochs from lr "
+        f"{preset.correction_lr} with physics momentum; verified on the verify half of the test "
+        f"set ({e2['verify_size']} images the localization did not see; the paper verified on "
+        "the images it localized on). Saving (count): 1 - (epochs x groups) / (training epochs x "
+        "7); saving (measured): 1 - correction wall time / baseline training wall time.",
+        [_column("Value", fmt="auto")],
+        [_row("Accuracy before", [paper["accuracy_before"]], [a["accuracy_before"]], "acc"),
+         _row("Accuracy after", [paper["accuracy_after"]], [a["accuracy_after"]], "acc"),
+         _row("Total errors before", [paper["errors_before"]], [a["errors_before"]]),
+         _row("Total errors after", [paper["errors_after"]], [a["errors_after"]]),
+         _row("Errors fixed", [paper["fixed"]], [a["fixed"]]),
+         _row("New errors", [paper["new"]], [a["new"]]),
+         _row("Net improvement", [{"signed": paper["net"]}], [a["net"]], "signed"),
+         _row("McNemar p (exact)", [None], [a["p_value"]]),
+         _row("Compute (epochs x layers)", [paper["compute"]],
+              [f"{preset.correction_epochs} x {len(a['layers'])} layers"]),
+         _row("Compute saving (count)", [paper["saving"]], [saving["paper_saving"]], "pct"),
+         _row("Compute saving (measured)", [None], [saving["measured_saving"]], "pct")],
+    )  # fmt: skip
 
 
 CONTROL_ARMS = ("flagged", "unflagged", "random-1", "random-2", "random-3", "all", "largest")
 
 
-def _controls_table(controls: dict | None, label: str, title: str, preset: Preset) -> dict:
+def _controls_table(id: str, key: str, whose: str, results: dict, preset: Preset) -> dict:
     """Correction against its control arms; rows fixed, so that seeds merge row by row."""
-    seeds = list(preset.control_seeds)
+    controls = results["experiment_2"][key]
     note = (f"Every arm retrains its groups for {preset.correction_epochs} epochs from lr "
             f"{preset.correction_lr} (physics momentum), the same batches per treatment seed "
-            f"({', '.join(map(str, seeds))}), verified on the verify half. Random: as many "
-            "groups as flagged, drawn at random; largest: as many, by parameter count. Flagged - "
-            "arm: correct answers of the flagged model minus the arm's on the same images, per "
-            "treatment seed, with the exact paired McNemar p.")
+            f"({', '.join(map(str, preset.control_seeds))}), verified on the verify half. "
+            "Random: as many groups as flagged, drawn at random; largest: as many, by parameter "
+            "count. Flagged - arm: correct answers of the flagged model minus the arm's on the "
+            "same images, per treatment seed, with the exact paired McNemar p.")
     if controls is None:
         note = "Not run: the specific criterion's significant rule flagged no group. " + note
     columns = [_column("Groups", "-", "text"), _column("Net (mean of seeds)", "-", "float"),
                _column("Net per seed", "-", "text"), _column("Accuracy", "-", "acc"),
-               _column("Flagged - arm (p)", "-", "text")]  # fmt: skip
+               _column("Flagged - arm (p)", "-", "text")]
     rows = []
     for arm in CONTROL_ARMS:
-        if controls is None or arm not in controls["arms"]:
-            rows.append(_row(arm, [None] * len(columns), [None] * len(columns)))
-            continue
-        info = controls["summary"][arm]
-        versus = "-" if arm == "flagged" else "; ".join(
-            f"{c['difference']:+d} (p={c['p_value']:.2g})" for c in controls["comparisons"][arm])
-        rows.append(_row(arm, [None] * len(columns), [
-            ", ".join(controls["arms"][arm]), info["net_mean"],
-            " ".join(f"{n:+d}" for n in info["net"]), info["accuracy_mean"], versus]))
-    return {"id": label, "title": f"Correction against control arms: {title}", "note": note,
-            "columns": columns, "rows": rows}  # fmt: skip
+        values = [None] * len(columns)
+        if controls is not None and arm in controls["arms"]:
+            info = controls["summary"][arm]
+            versus = "-" if arm == "flagged" else "; ".join(
+                f"{c['difference']:+d} (p={c['p_value']:.2g})"
+                for c in controls["comparisons"][arm])
+            values = [", ".join(controls["arms"][arm]), info["net_mean"],
+                      " ".join(f"{n:+d}" for n in info["net"]), info["accuracy_mean"], versus]
+        rows.append(_row(arm, [None] * len(columns), values))
+    return _table(id, f"Correction against control arms: {whose}", note, columns, rows)  # fmt: skip
+
+
+def table_10b(results: dict, preset: Preset) -> dict:
+    return _controls_table("10b", "controls", "paper's flagged layers", results, preset)
+
+
+def table_10c(results: dict, preset: Preset) -> dict:
+    return _controls_table("10c", "specific_controls", "specific criterion's flagged layers",
+                           results, preset)  # fmt: skip
+
+
+def table_11(results: dict, preset: Preset) -> dict:
+    trainings = results["experiment_3"]["trainings"]
+    return _table(
+        "11", "Five training methods", "Errors: misclassified test images of the final model.",
+        [_column("Best test accuracy", fmt="acc"), _column("Errors", fmt="int")],
+        [_row(METHOD_LABELS[m], PAPER["table11"][m],
+              [trainings[m]["best_accuracy"], trainings[m]["errors"]]) for m in trainings],
+    )  # fmt: skip
+
+
+def table_12(results: dict, preset: Preset) -> dict:
+    layers, overlap = results["experiment_3"]["layers"], results["experiment_3"]["overlap"]
+    paper = PAPER["table12"]
+
+    def shared(comparison):
+        return (f"{', '.join(comparison['intersection']) or 'none'} "
+                f"({len(comparison['intersection'])}/{len(comparison['a'])})")
+
+    return _table(
+        "12", "Problem layers found by each diagnostic",
+        "Gradient attribution flags above the median; iKFAD ranks groups by accumulated friction "
+        "per element.",
+        [_column("Problem layers", fmt="text")],
+        [_row("Ours (grad attr. on SGD baseline)", [paper["sgd"]], [", ".join(layers["sgd"])]),
+         _row("iKFAD (friction xi)", [paper["ikfad"]], [", ".join(layers["ikfad"])]),
+         _row("Ours (grad attr. on Adam)", [paper["adam"]], [", ".join(layers["adam"])]),
+         _row("SGD-iKFAD overlap", [paper["sgd_ikfad"]], [shared(overlap["sgd_ikfad"])]),
+         _row("SGD-Adam overlap", [paper["sgd_adam"]], [shared(overlap["sgd_adam"])])],
+    )  # fmt: skip
+
+
+def table_13(results: dict, preset: Preset) -> dict:
+    c, paper = results["experiment_3"]["corrections"], PAPER["table13"]
+
+    def row(label, paper_index, key, fmt=None):
+        papers = [None] * 5 if paper_index is None else [paper[k][paper_index] for k in "ABCDE"]
+        if fmt == "signed":
+            papers = [{"signed": p} for p in papers]
+        return _row(label, papers, [c[k][key] for k in "ABCDE"], fmt)
+
+    return _table(
+        "13", "Surgical correction: five strategies",
+        f"Before (baseline): {c['A']['accuracy_before']:.2%} (paper 95.47%). A-D correct the "
+        f"baseline, E the Adam model; all {preset.correction_epochs} epochs with physics momentum.",
+        [_column(CORRECTION_METHODS[k], fmt="auto") for k in "ABCDE"],
+        [row("Accuracy", 0, "accuracy_after", "acc"), row("Errors fixed", 1, "fixed"),
+         row("New errors", 2, "new"), row("Net improvement", 3, "net", "signed"),
+         row("McNemar p (exact)", None, "p_value"),
+         row("Trained elements", None, "element_fraction", "pct")],
+    )  # fmt: skip
+
+
+def table_14(results: dict, preset: Preset) -> dict:
+    e4 = results["experiment_4"]
+    m4 = e4["methods"]
+    same = m4["hybrid-mid"]["test_accuracy"] == m4["hybrid-epoch"]["test_accuracy"]
+    return _table(
+        "14", "Hybrid momentum: epochs to thresholds and best accuracy",
+        f"Hybrid-mid switches after the epoch whose test accuracy first reaches "
+        f"{preset.mid_threshold:.0%}; Hybrid-epoch after epoch {e4['hybrid_switch_epoch']} "
+        "(where physics reached it in Experiment 1). Switch: first epoch run with mu = 0.9."
+        + (" Here the two hybrids are the same run: training is deterministic, so Hybrid-mid "
+           "follows physics exactly until it reaches the threshold at the Experiment 1 epoch."
+           if same else ""),
+        [_column("Best acc.", fmt="acc"), *_threshold_columns(preset),
+         _column("Switch", fmt="epoch")],
+        [_row(METHOD_LABELS[m], PAPER["table14"][m],
+              [m4[m]["best_accuracy"], *[m4[m]["epochs_to"][f"{t:.0%}"] for t in preset.thresholds],
+               m4[m]["switch_epoch"]]) for m in m4],
+    )  # fmt: skip
+
+
+TABLES = (table_3, table_4, table_5, table_6, table_7, table_8, table_9, table_10, table_10b,
+          table_10c, table_11, table_12, table_13, table_14)  # fmt: skip
+
+
+def build_tables(results: dict, preset: Preset) -> list:
+    """The tables of one seed's ``results`` (experiments.run_seed), in the report's order."""
+    return [table(results, preset) for table in TABLES]
 
 
 def _interval(interval) -> str | None:
@@ -320,18 +363,6 @@ def _confusion(pair: dict) -> str:
     return f"{pair['true_name']} -> {pair['predicted_name']} ({layer}), {pair['count']}"
 
 
-def _acc(value):
-    return {"acc": value}
-
-
-def _signed(value):
-    return {"signed": value}
-
-
-def _pct(value):
-    return None if value is None else {"pct": value}
-
-
 def merge_seeds(per_seed_tables: list) -> list:
     """One list of tables whose cells hold every seed's value (in seed order)."""
     merged = per_seed_tables[0]
@@ -343,53 +374,59 @@ def merge_seeds(per_seed_tables: list) -> list:
     return merged
 
 
-# -- formatting --------------------------------------------------------------------------------
+# -- formatting: one function per format name --------------------------------------------------
+
+
+def _plain(value, three_digits_below_one: bool = False) -> str:
+    """Text as it is, integers whole, other numbers with two decimals (tiny ones as 1.23e-04)."""
+    if isinstance(value, (bool, str, int)):
+        return str(value)
+    if abs(value) < 1e-3 and value != 0:
+        return f"{value:.2e}"
+    return f"{value:.3g}" if three_digits_below_one and abs(value) < 1 else f"{value:.2f}"
+
+
+FORMATS = {
+    "acc": lambda x: f"{x:.2%}",  # an accuracy (a fraction)
+    "pct": lambda x: f"{x:.1%}",  # any other fraction
+    "signed": lambda x: f"{x:+.0f}" if float(x).is_integer() else f"{x:+.1f}",
+    "seconds": lambda x: f"{x:,.0f}" if x >= 100 else f"{x:.1f}",
+    "float": lambda x: _plain(x, three_digits_below_one=True),
+    "auto": lambda x: _plain(x, three_digits_below_one=True),  # mixed rows: numbers as float
+    "int": _plain,
+    "epoch": _plain,
+    "text": _plain,
+    "num": _plain,
+}
+COUNTS = ("int", "epoch")  # mean +- std of counts: one decimal
+
+
+def _cell_format(value, fmt: str) -> tuple:
+    """``(format, value)``: a value tagged by its row, ``{"acc": x}``, keeps its own format."""
+    if isinstance(value, dict):
+        ((fmt, value),) = value.items()
+    return fmt, value
 
 
 def format_value(value, fmt: str) -> str:
-    """One number as the report prints it."""
-    if value is None:
-        return "-"
-    if isinstance(value, dict):  # tagged by the table builder: {"acc" | "pct" | "signed": x}
-        ((kind, number),) = value.items()
-        if kind == "signed":
-            return f"{number:+.0f}" if float(number).is_integer() else f"{number:+.1f}"
-        return f"{number:.2%}" if kind == "acc" else f"{number:.1%}"
-    if fmt == "acc":
-        return f"{value:.2%}"
-    if fmt == "seconds":
-        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-    if isinstance(value, bool) or isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:+d}" if fmt == "signed" else str(value)
-    if abs(value) < 1e-3 and value != 0:
-        return f"{value:.2e}"
-    return f"{value:.3g}" if fmt in ("float", "auto") and abs(value) < 1 else f"{value:.2f}"
+    """One value as the report prints it, in its column's format ``fmt`` (or its own)."""
+    fmt, value = _cell_format(value, fmt)
+    return "-" if value is None else FORMATS[fmt](value)
 
 
 def format_cell(values: list, fmt: str) -> str:
     """One seed's value, or mean +- std over seeds (strings: joined when they differ)."""
     if len(values) == 1:
         return format_value(values[0], fmt)
-    numbers = [_number(v) for v in values]
-    if all(n is not None for n in numbers) and not any(isinstance(v, str) for v in values):
+    formats, raw = zip(*(_cell_format(v, fmt) for v in values))
+    if not any(x is None or isinstance(x, (bool, str)) for x in raw):
+        numbers = [float(x) for x in raw]
         mean, std = statistics.fmean(numbers), statistics.stdev(numbers)
-        tag = next((v for v in values if isinstance(v, dict)), None)
-        as_value = (lambda x: {next(iter(tag)): x}) if tag else (lambda x: x)
-        if fmt == "int" or fmt == "epoch":
+        if formats[0] in COUNTS:
             return f"{mean:.1f} +- {std:.1f}"
-        return f"{format_value(as_value(mean), fmt)} +- {format_value(as_value(std), fmt)}"
+        return f"{FORMATS[formats[0]](mean)} +- {FORMATS[formats[0]](std)}"
     shown = [format_value(v, fmt) for v in values]
     return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
-
-
-def _number(value):
-    if isinstance(value, dict):
-        return next(iter(value.values()))
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return None
-    return float(value)
 
 
 def format_paper(value, column: dict) -> str:

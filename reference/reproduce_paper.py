@@ -30,21 +30,23 @@ from pathlib import Path
 # on a 2-core machine that other jobs also use ran 5-10x slower than one thread.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))  # dampopt from this checkout when it is not installed
+if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
+    from dampopt.reference import run_file
 
-import data as datasets  # noqa: E402
-import experiments  # noqa: E402
-import figures  # noqa: E402
-import files  # noqa: E402
-import report  # noqa: E402
+    run_file(__file__)
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from presets import PRESETS  # noqa: E402
-from training import Interrupted, Settings, world  # noqa: E402
 
 import dampopt  # noqa: E402
+from dampopt._distributed import rank_and_world_size  # noqa: E402
+
+from . import data as datasets  # noqa: E402
+from . import experiments, figures, files, report  # noqa: E402
+from .presets import PRESETS  # noqa: E402
+from .training import Interrupted, Settings  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 3
 
@@ -125,7 +127,7 @@ def check_same_run(out: Path, args) -> None:
         if previous["preset"] != args.preset:
             raise UsageError(f"--resume: {out} holds a {previous['preset']!r} run, not "
                              f"{args.preset!r}; pass the same --preset or another --out")
-    write_atomically(record, json.dumps(current))
+    files.write_text(record, json.dumps(current))
 
 
 def setup_distributed(device: torch.device) -> torch.device:
@@ -146,11 +148,6 @@ def load_arrays(preset, data_dir, download: bool):
     return datasets.load_fashion_mnist(data_dir, download)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file so that readers see the old one or the whole new one, never a part."""
-    files.write_text(path, text)
-
-
 def run(args) -> dict | None:
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
@@ -160,7 +157,7 @@ def run(args) -> dict | None:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = setup_distributed(choose_device(args.device))
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     out = output_directory(args) if rank == 0 else Path(args.out or ".")
     if world_size > 1:  # every rank needs rank 0's directory for checkpoints
         shared = [str(out)]
@@ -273,8 +270,8 @@ def write_outputs(out, preset, seeds, per_seed, device, data, start, environment
         "figures": captions,
         "per_seed": {str(s): per_seed[s] for s in seeds},
     }  # fmt: skip
-    write_atomically(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
-    write_atomically(out / "report.md", report.render_report(summary))
+    files.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
+    files.write_text(out / "report.md", report.render_report(summary))
     return summary
 
 
@@ -285,7 +282,7 @@ def _json_default(value):
 
 
 def _print_seed(seed: int, results: dict, preset) -> None:
-    if world()[0] != 0:
+    if rank_and_world_size()[0] != 0:
         return
     e1, e3 = results["experiment_1"]["methods"], results["experiment_3"]
     mid = f"{preset.mid_threshold:.0%}"

@@ -14,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms.v2 import functional as TF
+
+from . import needs_extra
+
+with needs_extra():
+    from torchvision.transforms.v2 import functional as TF
 
 
 @dataclass(frozen=True)

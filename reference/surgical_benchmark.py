@@ -39,30 +39,30 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as reproduce_paper.py
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
+if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
+    from dampopt.reference import run_file
 
-import data as datasets  # noqa: E402
-import experiments  # noqa: E402
-import files  # noqa: E402
-import shifts as shift_builders  # noqa: E402
+    run_file(__file__)
+
 import torch  # noqa: E402
-from data import TensorLoader, epoch_seed  # noqa: E402
-from models import LAYER_GROUPS  # noqa: E402
-from presets import PRESETS  # noqa: E402
-from reproduce_paper import (  # noqa: E402
+
+from dampopt import diagnostics  # noqa: E402
+
+from . import data as datasets  # noqa: E402
+from . import experiments, files  # noqa: E402
+from . import shifts as shift_builders  # noqa: E402
+from .data import TensorLoader, epoch_seed  # noqa: E402
+from .models import LAYER_GROUPS  # noqa: E402
+from .presets import PRESETS  # noqa: E402
+from .reproduce_paper import (  # noqa: E402
     UsageError,
     choose_device,
     common_arguments,
     environment,
     load_arrays,
     output_directory,
-    write_atomically,
 )
-from training import Settings  # noqa: E402
-
-from dampopt import diagnostics  # noqa: E402
+from .training import Settings  # noqa: E402
 
 FINE_TUNE_EPOCHS = 2
 FINE_TUNE_LR = 0.05
@@ -440,8 +440,8 @@ def run(args) -> dict:
         "target_batch": TARGET_BATCH, "probe_steps": PROBE_STEPS}, "wall_seconds": wall,
         "environment": environment(args, device, 1), "summary": summary,
         "per_seed": {str(s): r for s, r in per_seed.items()}}  # fmt: skip
-    write_atomically(out / "results.json", json.dumps(results, indent=1))
-    write_atomically(out / "report.md", render(summary, preset, shifts, wall))
+    files.write_text(out / "results.json", json.dumps(results, indent=1))
+    files.write_text(out / "report.md", render(summary, preset, shifts, wall))
     results["output"] = str(out)
     return results
 

@@ -26,17 +26,22 @@ from pathlib import Path
 # on a 2-core machine that other jobs also use ran 5-10x slower than one thread.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
+if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
+    from dampopt.reference import run_file
 
-import data as datasets  # noqa: E402
-import numpy as np  # noqa: E402
+    run_file(__file__)
+
 import torch  # noqa: E402
-from experiments import recipes  # noqa: E402
-from models import build_model  # noqa: E402
-from presets import PRESETS  # noqa: E402
-from training import Settings, predict, train  # noqa: E402
+
+from . import data as datasets  # noqa: E402
+from . import needs_extra  # noqa: E402
+from .experiments import recipes  # noqa: E402
+from .models import build_model  # noqa: E402
+from .presets import PRESETS  # noqa: E402
+from .training import Settings, predict, train  # noqa: E402
+
+with needs_extra():
+    import numpy as np
 
 TRAININGS, CORRECTIONS = 8, 5
 

@@ -3,9 +3,10 @@
 An experiment's trainings differ only in a :class:`Recipe`: which optimizer, its learning-rate
 range, and - for plain SGD - how the momentum follows the learning rate. The learning rate is
 the paper's per-epoch cosine schedule, ``lr[e] = lr_min + (lr_max - lr_min)(1 + cos(pi e/E))/2``
-for ``e = 0..E-1`` (update-rules.md), written into the optimizer at the start of each epoch; the
-momentum the epoch ran with is read back from the optimizer at its end, so what is logged is
-what was used (PhysicsSGD keeps the momentum in effect in ``param_groups[i]["momentum"]``).
+for ``e = 0..E-1`` (:func:`dampopt.diagnostics.cosine_schedule`), written into the optimizer at
+the start of each epoch; the momentum the epoch ran with is read back from the optimizer at its
+end, so what is logged is what was used (PhysicsSGD keeps the momentum in effect in
+``param_groups[i]["momentum"]``).
 
 After every epoch the model, the optimizer and the log are checkpointed (atomically); a
 restarted run loads the checkpoint and continues with the same batches (data.py), so it ends
@@ -16,29 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import files
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from data import DeviceData, TensorLoader
 from torch import nn
+
+from dampopt._distributed import all_reduce_sum_, is_distributed, rank_and_world_size
+from dampopt.diagnostics import cosine_schedule
+from dampopt.momentum import momentum_in_effect
+
+from . import files
+from .data import DeviceData, TensorLoader
 
 try:
     from tqdm.auto import tqdm
 except ImportError:  # tqdm is optional: no bars without it
     tqdm = None
-
-
-def cosine_lr(epoch: int, epochs: int, lr_max: float, lr_min: float) -> float:
-    """The learning rate of epoch ``epoch`` (0-based) of ``epochs``: the paper's cosine."""
-    return lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
 @dataclass
@@ -138,23 +138,14 @@ class Interrupted(RuntimeError):
 # -- distributed helpers: no-ops in one process ------------------------------------------------
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_over_ranks(values: list[float], device) -> list[float]:
-    if world()[1] == 1:
+    if not is_distributed():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    return all_reduce_sum_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def _barrier() -> None:
-    if world()[1] > 1:
+    if is_distributed():
         dist.barrier()
 
 
@@ -186,7 +177,7 @@ def _autocast(settings: Settings):
 
 def train(recipe: Recipe, model: nn.Module, data: DeviceData, settings: Settings) -> TrainingRun:
     """Train ``model`` (freshly initialized by the caller) by ``recipe`` for ``settings.epochs``."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world_size()
     model = model.to(settings.device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -207,6 +198,7 @@ def train(recipe: Recipe, model: nn.Module, data: DeviceData, settings: Settings
         channels_last=settings.channels_last, rank=rank, world_size=world_size,
     )  # fmt: skip
 
+    schedule = cosine_schedule(recipe.lr_max, recipe.lr_min, settings.epochs)
     epochs = range(len(run.log), settings.epochs)
     bar = _progress(recipe.name, settings, initial=len(run.log))
     for epoch in epochs:
@@ -214,7 +206,7 @@ def train(recipe: Recipe, model: nn.Module, data: DeviceData, settings: Settings
             if settings.epoch_budget[0] <= 0:
                 raise Interrupted
             settings.epoch_budget[0] -= 1
-        row = _train_epoch(run, trained, loader, data, settings, epoch)
+        row = _train_epoch(run, trained, loader, data, settings, epoch, schedule[epoch])
         run.log.append(row)
         _save_checkpoint(run, checkpoint, rank)
         if settings.log_dir is not None:
@@ -228,10 +220,9 @@ def train(recipe: Recipe, model: nn.Module, data: DeviceData, settings: Settings
     return run
 
 
-def _train_epoch(run, trained, loader, data, settings, epoch) -> EpochLog:
+def _train_epoch(run, trained, loader, data, settings, epoch, lr) -> EpochLog:
     recipe, optimizer = run.recipe, run.optimizer
     start = time.perf_counter()
-    lr = cosine_lr(epoch, settings.epochs, recipe.lr_max, recipe.lr_min)
     for group in optimizer.param_groups:
         group["lr"] = lr
         if recipe.momentum is not None:
@@ -254,7 +245,7 @@ def _train_epoch(run, trained, loader, data, settings, epoch) -> EpochLog:
     loss_sum, correct, seen = _sum_over_ranks(totals, settings.device)
 
     # Read before observe(): a switch it triggers applies from the next epoch on.
-    mu = momentum_in_effect(optimizer)
+    mu = momentum_in_effect(optimizer.param_groups[0])
     switched = getattr(optimizer, "switched_at", None) is not None
     predictions = predict(run.model, data, settings)
     accuracy = (predictions == data.test_labels).float().mean().item()
@@ -272,18 +263,8 @@ def _train_epoch(run, trained, loader, data, settings, epoch) -> EpochLog:
     )
 
 
-def momentum_in_effect(optimizer) -> float | None:
-    """The momentum of the first param group: SGD's ``momentum``, Adam's ``betas[0]``."""
-    group = optimizer.param_groups[0]
-    if "momentum" in group:
-        return float(group["momentum"])
-    if "betas" in group:
-        return float(group["betas"][0])
-    return None
-
-
 def _progress(name: str, settings: Settings, initial: int):
-    if tqdm is None or not settings.progress or world()[0] != 0:
+    if tqdm is None or not settings.progress or rank_and_world_size()[0] != 0:
         return None
     return tqdm(
         total=settings.epochs, initial=initial, desc=f"{name:>12}", unit="ep", leave=False,

@@ -2,19 +2,15 @@
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from dampopt.reference import planted_defect
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "reference"))
-import planted_defect  # noqa: E402
-
-from dampopt.diagnostics import (  # noqa: E402
+from dampopt.diagnostics import (
     _stats,
     compare_treatments,
     diagnose,

@@ -20,12 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "reference" / "reproduce_paper.py"
-sys.path.insert(0, str(ROOT / "reference"))
-
-from data import (  # noqa: E402
+from dampopt.reference.data import (
     AUGMENT_STREAM,
     FASHION_MNIST_CLASSES,
     ORDER_STREAM,
@@ -34,7 +29,10 @@ from data import (  # noqa: E402
     read_idx,
     write_idx,
 )
-from presets import PRESETS  # noqa: E402
+from dampopt.reference.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "reference" / "reproduce_paper.py"
 
 TABLES = [*map(str, range(3, 11)), "10b", "10c", *map(str, range(11, 15))]
 FIGURES = ["fig1_lr_momentum.png", "fig2_test_accuracy.png", "fig3_regimes.png",
@@ -227,7 +225,7 @@ def test_regime_counts_sum_to_epochs(smoke_run):
 
 def test_report_shows_the_numbers_in_results_json(smoke_run):
     _, results, report, stdout = smoke_run
-    from report import format_cell, format_paper
+    from dampopt.reference.report import format_cell, format_paper
 
     for table in results["tables"]:
         section = report.split(f"## Table {table['id']}:")[1].split("## ")[0]
@@ -267,7 +265,7 @@ def test_tables_hold_the_per_seed_results(smoke_run):
 
 
 def _correction_claim(results):
-    from report import evaluate_claims
+    from dampopt.reference.report import evaluate_claims
 
     claims = evaluate_claims(results, PRESETS["smoke"])
     return next(c for c in claims if c["id"] == "correction")
@@ -305,7 +303,7 @@ def _timings_redrawn(value, rng):
 
 
 def test_no_claim_depends_on_a_time(smoke_run):
-    from report import evaluate_claims
+    from dampopt.reference.report import evaluate_claims
 
     results = smoke_run[1]["per_seed"]["42"]
     expected = [c["held"] for c in evaluate_claims(results, PRESETS["smoke"])]
@@ -343,8 +341,54 @@ def test_results_record_the_environment(smoke_run):
         assert environment["git_commit"] is None
 
 
+def test_the_installed_package_runs_the_same_main(smoke_run, data_dir, tmp_path):
+    """``python -m dampopt.reference`` (and ``dampopt-reproduce``) from outside the checkout.
+
+    Cheap: it resumes a copy of the smoke run, whose trainings and corrections are all
+    checkpointed, and must give the same results and report as the script did.
+    """
+    import shutil
+
+    out, results, report, _ = smoke_run
+    copy_of_run = tmp_path / "run"
+    shutil.copytree(out, copy_of_run)
+    command = [sys.executable, "-m", "dampopt.reference", "--preset", "smoke", "--threads", "1",
+               "--no-progress", "--no-download", "--data-dir", str(data_dir), "--out",
+               str(copy_of_run), "--resume"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHONHASHSEED": "0"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads((copy_of_run / "results.json").read_text())
+    assert _without_timings(again["per_seed"]) == _without_timings(results["per_seed"])
+    assert again["environment"]["argv"][0] == "python -m dampopt.reference"
+
+    def without_wall_time(text):
+        return re.sub(r"Wall time: \d+ s", "", text)
+
+    assert without_wall_time((copy_of_run / "report.md").read_text()) == without_wall_time(report)
+    script = Path(sys.executable).with_name("dampopt-reproduce")
+    unknown = subprocess.run([str(script), "--preset", "huge"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)  # fmt: skip
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == (
+        "error: unknown preset 'huge': choose one of quick, smoke, paper"
+    )
+
+
+def test_a_missing_extra_names_it(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from dampopt.reference.__main__ import main\nsys.exit(main(['--preset', 'smoke']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: matplotlib is not installed; the reference experiments need the 'reference' "
+        'extra: pip install "dampopt[reference]"'
+    )
+
+
 def test_git_state_is_none_without_a_repository_or_git(tmp_path, monkeypatch):
-    from reproduce_paper import git_state
+    from dampopt.reference.reproduce_paper import git_state
 
     assert git_state(tmp_path) == (None, None)  # not a repository (tmp is outside any)
     monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
@@ -355,7 +399,7 @@ def test_git_state_is_none_without_a_repository_or_git(tmp_path, monkeypatch):
 
 
 def test_mean_and_band():
-    from figures import mean_and_band
+    from dampopt.reference.figures import mean_and_band
 
     mean, low, high = mean_and_band([[0.1, 0.5, None], [0.3, 0.9, 0.4], [0.2, 0.4, 0.6]])
     np.testing.assert_allclose(mean, [0.2, 0.6, np.nan])
@@ -369,7 +413,7 @@ def test_mean_and_band():
 
 
 def test_per_class_accuracy():
-    from experiments import per_class_accuracy
+    from dampopt.reference.experiments import per_class_accuracy
 
     labels = torch.tensor([0, 0, 1, 1, 1, 3])
     predictions = torch.tensor([0, 1, 1, 1, 0, 3])
@@ -387,7 +431,7 @@ def test_per_class_accuracy_of_correction_a(smoke_run):
 
 
 def test_figures_of_two_seeds_show_both(smoke_run, tmp_path, monkeypatch):
-    import figures
+    from dampopt.reference import figures
 
     first = smoke_run[1]["per_seed"]["42"]
     second = copy.deepcopy(first)
@@ -509,7 +553,7 @@ def test_prepared_images_have_plain_nchw_strides(tmp_path):
     # A permuted NHWC array has channels-last strides even when is_contiguous() says True (one
     # channel); torch 2.14's CPU conv backward then corrupted the heap on odd batch sizes.
     write_synthetic_fashion_mnist(tmp_path, n_train=64, n_test=32)
-    from data import load_fashion_mnist, prepare
+    from dampopt.reference.data import load_fashion_mnist, prepare
 
     data = prepare(load_fashion_mnist(str(tmp_path), download=False), torch.device("cpu"),
                    48, 24, 14, seed=0)  # fmt: skip
@@ -522,7 +566,7 @@ def test_prepared_images_have_plain_nchw_strides(tmp_path):
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
-    import files
+    from dampopt.reference import files
 
     path = tmp_path / "baseline.pt"
     files.save({"model": {"w": torch.ones(3)}}, path)
@@ -534,7 +578,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
 def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    import files
+    from dampopt.reference import files
 
     path = tmp_path / "cache.pt"
     files.save({"result": 1}, path)
@@ -564,7 +608,7 @@ def test_damaged_or_mismatched_data_files_are_clear_errors(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "train-labels-idx1-ubyte.gz" in done.stderr and "damaged" in done.stderr
     write_idx(labels, np.zeros(10, dtype=np.uint8))  # readable, but 10 labels for 1024 images
-    from data import DataUnavailable, load_fashion_mnist
+    from dampopt.reference.data import DataUnavailable, load_fashion_mnist
 
     with pytest.raises(DataUnavailable, match="1024 images but its labels file 10 labels"):
         load_fashion_mnist(str(tmp_path), download=False)
@@ -585,9 +629,7 @@ def test_resume_of_a_directory_that_does_not_exist_is_an_error(tmp_path):
 # A run whose writes fail with ENOSPC from the k-th checkpoint on: as a disk filling up.
 _FULL_DISK = """
 import errno, sys
-sys.path.insert(0, {reference!r})
-import files
-import reproduce_paper
+from dampopt.reference import files, reproduce_paper
 calls = [0]
 real = files.torch.save
 def save(obj, target):
@@ -602,7 +644,7 @@ sys.exit(reproduce_paper.main(sys.argv[1:]))
 
 def test_a_full_disk_stops_the_run_resumably(smoke_run, data_dir, tmp_path):
     _, uninterrupted, _, _ = smoke_run
-    script = _FULL_DISK.format(reference=str(ROOT / "reference"), after=12)
+    script = _FULL_DISK.format(after=12)
     full = subprocess.run(
         [sys.executable, "-c", script, "--preset", "smoke", "--threads", "1", "--no-progress",
          "--no-download", "--data-dir", str(data_dir), "--out", str(tmp_path)],

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dampopt.reference import shifts
+from dampopt.reference import surgical_benchmark as bench
+from test_reproduce import write_synthetic_fashion_mnist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "reference"))
-
-import shifts  # noqa: E402
-import surgical_benchmark as bench  # noqa: E402
-from test_reproduce import write_synthetic_fashion_mnist  # noqa: E402
 
 # -- shifts --------------------------------------------------------------------------------------
 

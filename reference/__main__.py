@@ -1,0 +1,29 @@
+"""``python -m dampopt.reference`` and the console script ``dampopt-reproduce``: the paper's
+experiments, as ``python reference/reproduce_paper.py`` (the same options).
+
+One difference: torch is loaded (with dampopt) before this module runs, too late for
+reproduce_paper.py's ``OMP_WAIT_POLICY=PASSIVE`` default; set it in the environment, or pass
+``--threads 1``, where other jobs share the cores.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import MissingExtra
+
+
+def main(argv=None) -> int:
+    if Path(sys.argv[0]).name == "__main__.py":  # argparse names the program after it
+        sys.argv[0] = "python -m dampopt.reference"
+    try:
+        from .reproduce_paper import main as reproduce
+    except MissingExtra as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return reproduce(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
