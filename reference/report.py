@@ -141,7 +141,7 @@ def table_6(results: dict, preset: Preset) -> dict:
     return _table(
         "6", "Damping regime of every epoch",
         f"Counts over {preset.epochs} epochs (paper: 200); tol 0.05 on mu - mu_c. The paper "
-        "counts its clamped physics phase as critical; the rule as written (update-rules.md) "
+        "counts its clamped physics phase as critical; the rule as written (README, Update rules) "
         "can count it underdamped.",
         [_column(regime.capitalize(), fmt="int") for regime in regimes],
         [_row(METHOD_LABELS[m], PAPER["table6"][m], [m1[m]["regimes"][r] for r in regimes])

@@ -126,7 +126,7 @@ def test_scan_baseline_is_170_21_9():
 
 
 def test_scan_clamped_physics_schedule_counts_what_the_rule_gives():
-    # update-rules.md: 66 underdamped epochs (clamp at 0.5 > mu_c + 0.05), not the paper's 0
+    # the README's rule: 66 underdamped epochs (clamp at 0.5 > mu_c + 0.05), not the paper's 0
     mus = [physics_momentum(lr) for lr in PAPER_LRS]
     report = scan_schedule(PAPER_LRS, mus)
     assert report.counts == {"underdamped": 66, "critical": 134, "overdamped": 0}

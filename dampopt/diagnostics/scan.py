@@ -15,7 +15,7 @@ from ._report import Report, markdown_table
 
 
 def cosine_schedule(lr_max: float, lr_min: float, epochs: int) -> list[float]:
-    """Per-epoch cosine annealing, the paper's schedule (update-rules.md).
+    """Per-epoch cosine annealing, the paper's schedule.
 
     ``lr[e] = lr_min + (lr_max - lr_min) * (1 + cos(pi * e / epochs)) / 2`` for
     ``e = 0 .. epochs-1``: the first epoch runs at ``lr_max`` and the last just above ``lr_min``.
