@@ -30,9 +30,11 @@ def group_norms(grads, group_rows, count: int) -> torch.Tensor:
     """Per group (positions ``group_rows[j]`` in ``grads``), the L2 norm of ``sum(grads)/count``.
 
     ``grads`` are gradients of a summed loss over ``count`` examples, so this is the norm of
-    the gradient of their mean loss.
+    the gradient of their mean loss. Squares are summed in fp32 per tensor (as accurate as the
+    fp32 gradients; a float64 copy of every gradient would cost time and memory), the per
+    tensor sums in float64.
     """
-    squares = torch.stack([g.double().pow(2).sum() for g in grads])
+    squares = torch.stack([g.float().square().sum() for g in grads]).double()
     return torch.stack([squares[rows].sum() for rows in group_rows]).sqrt() / count
 
 
