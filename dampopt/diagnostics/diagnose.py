@@ -153,7 +153,8 @@ def diagnose(
     for (t, p), (sums, count, d) in zip(pairs_only, cells):
         norms = {}
         for name, rows in zip(candidates, candidate_rows):
-            norms[name] = math.sqrt(sum(float(sums[i].square().sum()) for i in rows))
+            norms[name] = math.sqrt(sum(float(torch.linalg.vector_norm(sums[i])) ** 2
+                                        for i in rows))  # fmt: skip
             norms[name] /= max(count, 1)
         columns = [everything.index(name) for name in candidates]
         values, intervals, _ = _stats.effect_summary(d[:, columns] if len(d) else d,

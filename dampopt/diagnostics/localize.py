@@ -374,8 +374,8 @@ def _accumulate(sums, grads) -> None:
 
 
 def _norm(tensors) -> float:
-    # fp32 squares, summed per tensor; the few per-tensor sums are added in Python's double
-    return math.sqrt(sum(float(t.float().square().sum()) for t in tensors))
+    # per tensor an fp32 norm; their squares are added in Python's double
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors))
 
 
 @dataclass
