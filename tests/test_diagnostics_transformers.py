@@ -77,6 +77,7 @@ def test_token_level_localize_on_gpt2_matches_a_hand_computation():
     assert found.error_labels == target[wrong].tolist()
     assert found.error_predictions == logits.argmax(-1)[wrong].tolist()
     assert found.index_kind == "dataset"
+    assert found.message.startswith(f"{found.num_errors} misclassified of 158 positions")
     losses = F.cross_entropy(logits[wrong], target[wrong], reduction="sum") / int(wrong.sum())
     expected = _group_norms_of_mean(model, losses, found.groups)
     assert list(found.grad_norms) == list(expected)

@@ -115,6 +115,7 @@ class ErrorGradients:
     cell_reference_indices: list = field(default_factory=list)
     examples: list = field(default_factory=list, metadata=PRIVATE)
     task: Task = field(default_factory=Task, metadata=PRIVATE)
+    unit: str = "examples"  # what can fail: "examples", or "positions" for sequence tasks
 
 
 def error_gradients(
@@ -166,7 +167,7 @@ def error_gradients(
     positions, labels_wrong, preds_wrong = [], [], []
     cell_f, cell_r, cell_f_pos, cell_r_pos, examples = [], [], [], [], []
     offset = seen = errors = correct = 0
-    any_units = False
+    any_units = per_position = False
     with _data.evaluation(model, params):
         for batch in progress_bar(loader, progress, "localize", total=batches):
             inputs, labels, units = batch_units(model, task, batch, device)
@@ -175,6 +176,7 @@ def error_gradients(
             valid = order.valid(offset, count, device)
             real = units.valid if valid is None else units.valid & valid[:, None]
             any_units = any_units or bool(units.valid.any())
+            per_position = per_position or units.per_position
             is_fail = is_fail & real
             is_ref = ~is_fail & real
             fail = is_fail.flatten().nonzero().flatten()
@@ -277,6 +279,7 @@ def error_gradients(
         cell_reference_indices=cell_r_pos,
         examples=examples,
         task=task,
+        unit="positions" if per_position else "examples",
     )
 
 
@@ -403,7 +406,7 @@ class Localization(Report):
     intervals: dict  # {group: (low, high) or None}
     p_values: dict  # {group: one-sided p or None}
     adjusted_p_values: dict  # Holm over groups
-    num_examples: int
+    num_examples: int  # examples scored, or positions (not ignore_index) for sequence tasks
     num_errors: int  # failures (by default the misclassified examples)
     correct_sample_size: int  # references: examples that are not failures, paired in cells
     num_cells: int
@@ -701,13 +704,13 @@ def _message(found, loader, criterion, rule, alpha, problem_layers, num_groups, 
     if loader is None:
         where = "no loader given: failures not examined, no test"
     elif found.num_errors == 0:
-        where = f"no {what} examples among {found.num_examples}: nothing to localize"
+        where = f"no {what} {found.unit} among {found.num_examples}: nothing to localize"
         if criterion != "friction":
             return where
     else:
         cells = len(found.cell_failure_norms)
         where = (
-            f"{found.num_errors} {what.rstrip(':')} of {found.num_examples} examples, "
+            f"{found.num_errors} {what.rstrip(':')} of {found.num_examples} {found.unit}, "
             f"{found.num_correct_sample} references in {cells} cells"
         )
     how = f"{criterion}, rule {rule}" + (f" (Holm-adjusted p < {alpha:g})" if rule ==
