@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dampopt.diagnostics import layer_groups, localize, resolve_groups
+from dampopt.diagnostics import layer_groups, localize, resolve_groups, treat
 
 
 def _ids(params):
@@ -119,6 +119,14 @@ def test_auto_on_peft_lora_bert_puts_adapters_in_their_blocks():
     assert list(found.grad_norms) == list(groups) and found.num_errors > 0
     assert all(found.grad_norms[name] > 0 for name in blocks)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    # treat finds the groups by their base-model names on the peft model and trains only them
+    flagged = found.problem_layers
+    assert 0 < len(flagged) < len(groups)
+    corrected, _ = treat(model, loader, layers=flagged, epochs=1, lr=0.05, seed=0)
+    trained = {id(p) for name in flagged for p in groups[name]}
+    after = dict(corrected.named_parameters())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, after[n])}
+    assert changed and all(id(dict(model.named_parameters())[n]) in trained for n in changed)
 
 
 def test_auto_warns_on_a_model_without_repeated_blocks_and_rejects_bad_depth():
