@@ -41,6 +41,21 @@ def test_only_the_requested_groups_require_grad_during_the_pass_and_flags_come_b
     assert found.grad_norms["2"] == pytest.approx(everything.grad_norms["2"], rel=1e-6)
 
 
+def test_existing_grad_fields_are_set_aside_and_put_back_unchanged():
+    model, loader = _model_and_loader()
+    x, y = loader.dataset.tensors
+    F.cross_entropy(model(x), y).backward()  # a training step's gradients, not yet applied
+    grads = [p.grad for p in model.parameters()]
+    values = [g.clone() for g in grads]
+    found = localize(model, loader)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(g, v) for g, v in zip(grads, values))
+    # and the result is the one of a model without .grad
+    for p in model.parameters():
+        p.grad = None
+    assert localize(model, loader).grad_norms == found.grad_norms
+
+
 def test_flags_and_modes_come_back_when_the_pass_fails():
     model, loader = _model_and_loader()
     model.train()
@@ -57,6 +72,7 @@ def test_flags_and_modes_come_back_when_the_pass_fails():
     with pytest.raises(RuntimeError, match="boom"):
         localize(model, loader, groups=["2"])
     assert [p.requires_grad for p in model.parameters()] == before
+    assert all(p.grad is None for p in model.parameters())
     assert all(m.training for m in model.modules())
 
 

@@ -35,6 +35,11 @@ def group_norms(grads, group_rows, count: int) -> torch.Tensor:
     and the per-tensor squares are added in float64.
     """
     squares = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).double() ** 2
+    return norms_from_squares(squares, group_rows, count)
+
+
+def norms_from_squares(squares: torch.Tensor, group_rows, count: int) -> torch.Tensor:
+    """:func:`group_norms` from each tensor's squared norm (float64 ``squares[i]``)."""
     return torch.stack([squares[rows].sum() for rows in group_rows]).sqrt() / count
 
 

@@ -211,6 +211,43 @@ def unit_gradients(model, task: Task, inputs, labels, chosen, params) -> list:
     return _data.gradients(summed_loss(model, task, inputs, labels, chosen), params)
 
 
+def streamed_gradients(model, task: Task, inputs, labels, chosen, params, sums=None):
+    """Squared fp32 norm of each parameter's gradient of the summed loss over ``chosen``
+    (float64 ``[len(params)]``), each gradient added into ``sums[i]`` when given.
+
+    Each gradient is used and freed as soon as autograd has it (a post-accumulate-grad hook),
+    so the pass holds one parameter's gradient at a time rather than a model-sized list.
+    ``.grad`` fields are set aside for the pass and put back after, also on error;
+    ``params`` must be distinct leaves.
+    """
+    loss = summed_loss(model, task, inputs, labels, chosen)
+    squares = torch.zeros(len(params), dtype=torch.float64, device=loss.device)
+    index = {id(p): i for i, p in enumerate(params)}
+
+    def use(param):
+        i = index[id(param)]
+        grad = param.grad
+        squares[i] = torch.linalg.vector_norm(grad.float()).double().to(squares.device) ** 2
+        if sums is not None:
+            sums[i].add_(grad)
+        param.grad = None
+
+    saved = [p.grad for p in params]
+    handles = []
+    try:
+        for p in params:
+            p.grad = None
+        handles = [p.register_post_accumulate_grad_hook(use) for p in params]
+        if loss.requires_grad:
+            torch.autograd.backward(loss, inputs=list(params))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in zip(params, saved):
+            p.grad = grad
+    return squares
+
+
 def flat_mask(shape, flat_indices: torch.Tensor) -> torch.Tensor:
     """Bool ``shape`` tensor, True at the row-major positions ``flat_indices``."""
     mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=flat_indices.device)

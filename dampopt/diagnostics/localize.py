@@ -37,7 +37,7 @@ from .._validation import check_int, check_level, check_seed
 from . import _data, _stats
 from ._report import PRIVATE, Report, format_interval, markdown_table
 from ._surgery import progress_bar
-from ._task import Task, batch_units, flat_mask, unit_gradients
+from ._task import Task, batch_units, flat_mask, streamed_gradients
 from .groups import parameter_names, resolve_groups
 
 CRITERIA = ("grad_norm", "relative", "rms", "friction", "specificity", "probe")
@@ -137,8 +137,9 @@ def error_gradients(
             costs a second fp32 accumulator the size of ``params``; no criterion needs it.
 
     Memory: one fp32 accumulator per parameter of ``params`` (two with ``reference_sums``),
-    one gradient of ``params`` at a time, and one forward pass over a cell's examples; only
-    ``params`` require grad during the pass (flags restored after).
+    each gradient added in and freed as autograd produces it (one parameter's gradient at a
+    time), and one forward pass over a cell's examples; only ``params`` require grad during
+    the pass, and ``.grad`` fields are set aside and put back (both restored after).
 
     Indices: dataset indices, sorted, when the loader's order is reproducible (a DataLoader with
     a SequentialSampler or DistributedSampler, ``index_kind="dataset"``); otherwise positions in
@@ -214,11 +215,8 @@ def error_gradients(
                     (ref[start : start + size], correct_sums, cell_r, cell_r_pos, "reference"),
                 ):
                     mask = flat_mask(units.shape, chosen)
-                    grads = unit_gradients(model, task, inputs, labels, mask, params)
-                    if sums is not None:
-                        _accumulate(sums, grads)
-                    norms.append(_stats.group_norms(grads, group_rows, size))
-                    del grads
+                    squares = streamed_gradients(model, task, inputs, labels, mask, params, sums)
+                    norms.append(_stats.norms_from_squares(squares, group_rows, size))
                     stored.append(where(chosen))
                     if keep_examples:
                         rows = chosen // width
@@ -228,7 +226,7 @@ def error_gradients(
             rest = fail[paired:]
             if len(rest):  # failures beyond the references of their batch: sums only
                 mask = flat_mask(units.shape, rest)
-                _accumulate(error_sums, unit_gradients(model, task, inputs, labels, mask, params))
+                streamed_gradients(model, task, inputs, labels, mask, params, error_sums)
                 if keep_examples:
                     rows = rest // width
                     examples.append(("failure", -1, _detach(inputs, rows),
@@ -369,11 +367,6 @@ def _detach(inputs, rows):
     if isinstance(chosen, torch.Tensor):
         return chosen.detach()
     return chosen
-
-
-def _accumulate(sums, grads) -> None:
-    for total, grad in zip(sums, grads):
-        total.add_(grad)
 
 
 def _norm(tensors) -> float:
@@ -554,7 +547,8 @@ def localize(
     Cost: one forward pass without grad over the loader, then per cell a forward and backward
     over the examples holding its units; only the requested groups' parameters require grad
     meanwhile (so nothing below the first of them is differentiated), and the extra memory is
-    one fp32 accumulator per requested parameter plus one gradient of them at a time.
+    one fp32 accumulator per requested parameter (each gradient is added in and freed as
+    autograd produces it) plus a forward pass over a cell's examples.
     """
     model = _data.unwrap(model)
     task = Task.of(ignore_index, shift_labels, loss_fn)
