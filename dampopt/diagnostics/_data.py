@@ -2,7 +2,9 @@
 
 A loader yields ``(inputs, labels, ...)``: ``inputs`` a tensor, a tuple/list of tensors (passed
 as ``model(*inputs)``) or a dict (``model(**inputs)``); ``labels`` integer class indices. Extra
-items are ignored. The model returns logits ``[batch, classes]`` or an object with ``.logits``.
+items are ignored. Or it yields dicts (HF style, ``{"input_ids": ..., "attention_mask": ...,
+"labels": ...}``): the model gets every entry but ``labels`` as keyword arguments. The model
+returns logits or an object with ``.logits``; :mod:`._task` says how they are scored.
 """
 
 from __future__ import annotations
@@ -73,13 +75,17 @@ def select(inputs, index: torch.Tensor):
     return inputs
 
 
-def logits_of(model: nn.Module, inputs) -> torch.Tensor:
+def outputs_of(model: nn.Module, inputs):
+    """The model's raw output on ``inputs`` (``model(**dict)``, ``model(*tuple)``, ``model(x)``)."""
     if isinstance(inputs, dict):
-        out = model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        out = model(*inputs)
-    else:
-        out = model(inputs)
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def logits_of(model: nn.Module, inputs) -> torch.Tensor:
+    out = outputs_of(model, inputs)
     out = getattr(out, "logits", out)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError("the model must return logits of shape [batch, classes]")
@@ -154,6 +160,23 @@ def loader_order(loader) -> LoaderOrder:
     return LoaderOrder(None, None)
 
 
+def index_of(order: LoaderOrder):
+    """Position in the pass -> dataset index (or the position itself, when not known).
+
+    A position may be ``(position, token)`` for per-position units: only the first is mapped.
+    """
+    if order.indices is None:
+        return lambda p: p
+    indices = order.indices
+
+    def mapped(p):
+        if isinstance(p, tuple):
+            return (int(indices[p[0]]), p[1])
+        return int(indices[p])
+
+    return mapped
+
+
 def gather_in_dataset_order(order: LoaderOrder, positions: list, *columns: list):
     """All ranks' ``(indices, *columns)`` for rows at ``positions`` of this rank's pass.
 
@@ -165,7 +188,7 @@ def gather_in_dataset_order(order: LoaderOrder, positions: list, *columns: list)
     from .._distributed import all_gather_objects
 
     known = order.indices is not None
-    indices = [int(order.indices[p]) for p in positions] if known else list(positions)
+    indices = [index_of(order)(p) for p in positions]
     parts = all_gather_objects((indices, *columns))
     merged = [[x for part in parts for x in part[k]] for k in range(len(columns) + 1)]
     if known:
@@ -176,16 +199,21 @@ def gather_in_dataset_order(order: LoaderOrder, positions: list, *columns: list)
 
 @contextlib.contextmanager
 def evaluation(model: nn.Module, params):
-    """Eval mode and ``requires_grad`` on ``params`` for the duration; both restored after.
+    """Eval mode, ``requires_grad`` on ``params`` and off on every other parameter of ``model``
+    for the duration; modes and flags restored after, also on error.
 
     Gradients are taken with ``torch.autograd.grad``, so ``.grad`` fields stay untouched too.
+    With the other parameters frozen, the forward pass keeps no activations for their weight
+    gradients, and none at all below the first requested parameter.
     """
     modes = [(module, module.training) for module in model.modules()]
+    wanted = {id(p) for p in params}
     flags = [(p, p.requires_grad) for p in params]
+    flags += [(p, p.requires_grad) for p in model.parameters() if id(p) not in wanted]
     try:
         model.eval()
         for p, _ in flags:
-            p.requires_grad_(True)
+            p.requires_grad_(id(p) in wanted)
         yield
     finally:
         for module, training in modes:

@@ -30,9 +30,16 @@ def group_norms(grads, group_rows, count: int) -> torch.Tensor:
     """Per group (positions ``group_rows[j]`` in ``grads``), the L2 norm of ``sum(grads)/count``.
 
     ``grads`` are gradients of a summed loss over ``count`` examples, so this is the norm of
-    the gradient of their mean loss.
+    the gradient of their mean loss. Each tensor's norm is taken in fp32 (as accurate as the
+    fp32 gradients, without the float64 copy of every gradient that costs time and memory),
+    and the per-tensor squares are added in float64.
     """
-    squares = torch.stack([g.double().pow(2).sum() for g in grads])
+    squares = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]).double() ** 2
+    return norms_from_squares(squares, group_rows, count)
+
+
+def norms_from_squares(squares: torch.Tensor, group_rows, count: int) -> torch.Tensor:
+    """:func:`group_norms` from each tensor's squared norm (float64 ``squares[i]``)."""
     return torch.stack([squares[rows].sum() for rows in group_rows]).sqrt() / count
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._distributed import all_gather_objects, all_reduce_sum_, is_distributed
@@ -28,6 +28,7 @@ from .._validation import check_int
 from . import _data, _stats
 from ._report import Report, format_interval, markdown_table
 from ._surgery import progress_bar
+from ._task import Task, batch_units, flat_mask, unit_gradients
 from .groups import resolve_groups
 from .localize import Localization
 
@@ -103,8 +104,13 @@ def diagnose(
     the loader that was localized. Sums and counts are all-reduced under torch.distributed;
     the cells depend on batching.
 
+    The units and their scoring are ``localization``'s (its ``ignore_index``, ``shift_labels``
+    and ``loss_fn``): for a language model the pairs are (label token, predicted token) over
+    positions.
+
     Args:
-        class_names: optional names indexed by class; defaults to the class numbers.
+        class_names: optional names by class (or token) id: a sequence, a mapping or a callable
+            such as ``tokenizer.convert_ids_to_tokens``; defaults to the ids.
         blocks, seed: as for :func:`localize`.
     """
     model = _data.unwrap(model)
@@ -112,6 +118,11 @@ def diagnose(
         raise TypeError(f"localization must be a Localization, got {type(localization).__name__}")
     check_int("top", top, 1)
     check_int("blocks", blocks, 1)
+    if any(label is None for label in localization.error_labels):
+        raise ValueError(
+            "diagnose needs class labels and predictions: this localization's task "
+            "(loss_fn with labels that are not class indices) has none"
+        )
     names = _check_class_names(class_names, localization)
     candidates = list(localization.problem_layers) or list(localization.ranking)
     everything = list(localization.ranking)
@@ -137,12 +148,13 @@ def diagnose(
     candidate_rows = [group_rows[everything.index(name)] for name in candidates]
     pairs_only = [pair for pair, _ in chosen]
     cells = _pair_cells(model, loader, pairs_only, params, group_rows, blocks, seed, device,
-                        progress)  # fmt: skip
+                        progress, localization.task)  # fmt: skip
     pairs = []
     for (t, p), (sums, count, d) in zip(pairs_only, cells):
         norms = {}
         for name, rows in zip(candidates, candidate_rows):
-            norms[name] = math.sqrt(sum(float(sums[i].double().pow(2).sum()) for i in rows))
+            norms[name] = math.sqrt(sum(float(torch.linalg.vector_norm(sums[i])) ** 2
+                                        for i in rows))  # fmt: skip
             norms[name] /= max(count, 1)
         columns = [everything.index(name) for name in candidates]
         values, intervals, _ = _stats.effect_summary(d[:, columns] if len(d) else d,
@@ -178,7 +190,8 @@ def _distinguishable(leading, d, groups, num_candidates, seed) -> bool:
     return p is not None and p < 0.025
 
 
-def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, progress):
+def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, progress,
+                task):  # fmt: skip
     """Per pair: (summed loss gradients on its errors, error count, d[cells, groups])."""
     device = _data.model_device(model, device)
     order = _data.loader_order(loader)
@@ -195,34 +208,39 @@ def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, 
     offset = 0
     with _data.evaluation(model, params):
         for batch in progress_bar(loader, progress, "diagnose"):
-            inputs, labels, preds = _data.classify_batch(model, batch, device)
-            valid = order.valid(offset, len(labels), device)
-            offset += len(labels)
-            real = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
-            right = ((preds == labels) & real).nonzero().flatten()
+            inputs, labels, units = batch_units(model, task, batch, device)
+            _check_classes(units)
+            valid = order.valid(offset, units.shape[0], device)
+            offset += units.shape[0]
+            real = units.valid if valid is None else units.valid & valid[:, None]
+            truth, preds = units.labels.flatten(), units.predictions.flatten()
+            real = real.flatten()
+            right = ((preds == truth) & real).nonzero().flatten()
             for (t, p), index in pair_index.items():
-                rows = ((labels == t) & (preds == p) & real).nonzero().flatten()
+                rows = ((truth == t) & (preds == p) & real).nonzero().flatten()
                 if len(rows) == 0:
                     continue
                 rows = rows[torch.randperm(len(rows), generator=generator).to(device)]
                 counts[index] += len(rows)
                 paired = min(len(rows), len(right))
                 # this pair's references: disjoint slices of one fresh shuffle of the batch's
-                # correct examples, so that no reference is in two of the pair's cells
+                # correct units, so that no reference is in two of the pair's cells
                 refs = right[torch.randperm(len(right), generator=generator)[:paired].to(device)]
                 start = 0
                 for size in _stats.split_evenly(paired, cells_per_batch) if paired else []:
                     cell = slice(start, start + size)
                     for chosen, store, add in ((rows[cell], cell_f, True),
                                                (refs[cell], cell_r, False)):  # fmt: skip
-                        grads = _data.sum_gradients(model, inputs, labels, chosen, params)
+                        mask = flat_mask(units.shape, chosen)
+                        grads = unit_gradients(model, task, inputs, labels, mask, params)
                         if add:
                             for total, grad in zip(sums[index], grads):
                                 total.add_(grad)
                         store[index].append(_stats.group_norms(grads, group_rows, size))
                     start += size
                 if len(rows) > paired:
-                    grads = _data.sum_gradients(model, inputs, labels, rows[paired:], params)
+                    mask = flat_mask(units.shape, rows[paired:])
+                    grads = unit_gradients(model, task, inputs, labels, mask, params)
                     for total, grad in zip(sums[index], grads):
                         total.add_(grad)
     for tensor in [t for pair_sums in sums for t in pair_sums]:
@@ -239,13 +257,24 @@ def _pair_cells(model, loader, pairs, params, group_rows, blocks, seed, device, 
     return out
 
 
-def pair_gradients(model, loader, pairs, params, device=None):
+def _check_classes(units) -> None:
+    if units.labels is None:
+        raise ValueError(
+            "diagnose needs class labels and predictions (argmax of the logits); this task's "
+            "labels are not class indices laid out like its losses"
+        )
+
+
+def pair_gradients(model, loader, pairs, params, device=None, *, ignore_index=-100,
+                   shift_labels=False, loss_fn=None):  # fmt: skip
     """Per (true, predicted) pair: summed loss gradients on its errors, and its error count.
 
     One pass over ``loader``; sums and counts are all-reduced under torch.distributed.
     Returns ``(sums, counts)``: ``sums[i][j]`` is the gradient w.r.t. ``params[j]`` of the sum
-    of cross-entropies over the examples of ``pairs[i]``.
+    of losses over the units (examples or positions) of ``pairs[i]``. ``ignore_index``,
+    ``shift_labels`` and ``loss_fn`` as for :func:`localize`.
     """
+    task = Task.of(ignore_index, shift_labels, loss_fn)
     device = _data.model_device(model, device)
     order = _data.loader_order(loader)  # to skip DistributedSampler's repeated examples
     offset = 0
@@ -254,30 +283,24 @@ def pair_gradients(model, loader, pairs, params, device=None):
     counts = torch.zeros(len(pairs), dtype=torch.float64, device=device)
     with _data.evaluation(model, params):
         for batch in loader:
-            inputs, labels, preds = _data.classify_batch(model, batch, device)
-            valid = order.valid(offset, len(labels), device)
-            offset += len(labels)
-            real = [True] * len(labels) if valid is None else valid.tolist()
+            inputs, labels, units = batch_units(model, task, batch, device)
+            _check_classes(units)
+            valid = order.valid(offset, units.shape[0], device)
+            offset += units.shape[0]
+            real = units.valid if valid is None else units.valid & valid[:, None]
             members = {}
-            for row, pair in enumerate(zip(labels.tolist(), preds.tolist())):
-                if pair in pair_index and real[row]:
-                    members.setdefault(pair_index[pair], []).append(row)
+            truth, preds = units.labels.flatten().tolist(), units.predictions.flatten().tolist()
+            for unit, (pair, ok) in enumerate(zip(zip(truth, preds), real.flatten().tolist())):
+                if pair in pair_index and ok:
+                    members.setdefault(pair_index[pair], []).append(unit)
             if not members:
                 continue
-            rows = torch.tensor([r for rs in members.values() for r in rs], device=device)
-            losses = F.cross_entropy(
-                _data.logits_of(model, _data.select(inputs, rows)).float(),
-                labels[rows],
-                reduction="none",
-            )
-            start = 0
-            for n, (index, rs) in enumerate(members.items()):
-                part = losses[start : start + len(rs)].sum()
-                start += len(rs)
-                grads = _data.gradients(part, params, retain_graph=n < len(members) - 1)
+            for index, chosen in members.items():
+                mask = flat_mask(units.shape, torch.tensor(chosen, device=device))
+                grads = unit_gradients(model, task, inputs, labels, mask, params)
                 for total, grad in zip(sums[index], grads):
                     total.add_(grad)
-                counts[index] += len(rs)
+                counts[index] += len(chosen)
     for tensor in [t for pair_sums in sums for t in pair_sums]:
         all_reduce_sum_(tensor)
     all_reduce_sum_(counts)
@@ -285,10 +308,19 @@ def pair_gradients(model, loader, pairs, params, device=None):
 
 
 def _check_class_names(class_names, localization):
+    """``class_names`` as ``index -> str``: a sequence, a mapping (e.g. a tokenizer's id-to-token
+    dict) or a callable (e.g. ``tokenizer.convert_ids_to_tokens``)."""
     if class_names is None:
         return str
-    class_names = list(class_names)
     used = localization.error_labels + localization.error_predictions
+    if callable(class_names):
+        return lambda index: str(class_names(index))
+    if isinstance(class_names, Mapping):
+        missing = sorted({u for u in used if u not in class_names})
+        if missing:
+            raise ValueError(f"class_names has no name for class {missing[0]} (of the errors)")
+        return lambda index: str(class_names[index])
+    class_names = list(class_names)
     if used and max(used) >= len(class_names):
         raise ValueError(
             f"class_names has {len(class_names)} names but the errors use class {max(used)}"

@@ -2,18 +2,35 @@
 
 A group is a name and the parameters under it. Names are module paths in ``model``'s own naming
 (``"layer3"``, ``"layer1.0"``, ``"encoder.layers.2"``), so a group found on one model can be
-looked up again on a copy of it (:func:`resolve_groups`).
+looked up again on a copy of it (:func:`resolve_groups`). Wrappers are seen through: DDP,
+DataParallel and ``torch.compile`` (:func:`._data.unwrap`) and peft's ``PeftModel`` (names are
+the base model's, ``"bert.encoder.layer.0"``, and LoRA parameters sit in their block's group).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from .._validation import check_int
 from ._data import unwrap
+
+
+def naming_root(model: nn.Module) -> nn.Module:
+    """The module whose names the groups use: ``model`` unwrapped, and a peft model's base.
+
+    peft is not imported: a ``PeftModel`` is recognised by its module and ``get_base_model``.
+    """
+    model = unwrap(model)
+    while type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        base = model.get_base_model()
+        if base is model or not isinstance(base, nn.Module):
+            break
+        model = unwrap(base)
+    return model
 
 
 def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -49,12 +66,94 @@ def _depth_group(model: nn.Module, name: str, depth: int, cache: dict) -> str:
     return ".".join(module_path)
 
 
-def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -> dict:
+def _block_containers(model: nn.Module) -> list[str]:
+    """Paths of the outermost repeated block containers: an ``nn.ModuleList`` or
+    ``nn.Sequential`` whose children that hold parameters are at least two, all of one type."""
+    found = []
+
+    def visit(path, module):
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            holders = [m for m in module.children() if next(m.parameters(), None) is not None]
+            if len(holders) >= 2 and len({type(m) for m in holders}) == 1:
+                found.append(path)
+                return
+        for name, child in module.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    return found
+
+
+def _auto_group(name: str, containers: list, per_container: bool) -> str:
+    """The group of parameter ``name`` under ``containers`` (see :func:`layer_groups`)."""
+    *module_path, _ = name.split(".")
+    if not module_path:
+        return name
+    best = 0
+    for container in containers:
+        parts = container.split(".") if container else []
+        if module_path[: len(parts)] == parts:
+            if per_container:
+                return container
+            return ".".join(module_path[: len(parts) + 1])
+        shared = 0
+        for a, b in zip(parts, module_path):
+            if a != b:
+                break
+            shared += 1
+        best = max(best, shared)
+    return ".".join(module_path[: best + 1])
+
+
+def _auto_groups(model: nn.Module, named) -> dict | None:
+    containers = _block_containers(model)
+    if not containers:
+        return None
+    parents = [c.rpartition(".")[0] if "." in c else "" for c in containers]
+    # several containers side by side (torchvision's layer1..layer4): they are stages, one
+    # group each; otherwise (one container, or containers in different places such as an
+    # encoder's and a decoder's blocks) one group per block
+    per_container = len(containers) > 1 and len(set(parents)) == 1 and "" not in containers
+    groups: dict[str, list] = {}
+    for name, param in named:
+        groups.setdefault(_auto_group(name, containers, per_container), []).append(param)
+    return groups
+
+
+def _warn_if_coarse(groups: dict, how: str) -> None:
+    total = sum(p.numel() for ps in groups.values() for p in ps)
+    largest = max(groups, key=lambda k: sum(p.numel() for p in groups[k]))
+    share = sum(p.numel() for p in groups[largest]) / total if total else 0.0
+    if len(groups) < 3 or share > 0.9:
+        what = (f"only {len(groups)} group(s)" if len(groups) < 3
+                else f"group {largest!r} holds {share:.0%} of the parameters")  # fmt: skip
+        warnings.warn(
+            f"layer_groups({how}) gives {what}: too coarse to localize anything; pass "
+            "depth='auto' (one group per block of the repeated block container), a larger "
+            "depth, pattern= or groups=",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def layer_groups(model: nn.Module, depth: int | str = 1, pattern: str | None = None) -> dict:
     """Ordered ``{group name: [parameters]}``, in the order of ``model.named_parameters()``.
 
     Args:
-        model: any ``nn.Module`` with at least one parameter.
-        depth: how many levels of the module tree name a group. 1: the top-level children
+        model: any ``nn.Module`` with at least one parameter (DDP, DataParallel, compiled and
+            peft wrappers are seen through; the names are the bare/base model's).
+        depth: "auto", or how many levels of the module tree name a group.
+            "auto": find the outermost repeated block containers (an ``nn.ModuleList`` or
+            ``nn.Sequential`` of at least two same-type blocks: HF ``encoder.layer``, GPT-2's
+            ``transformer.h``, timm's ``blocks`` / ``stages``, torchvision's ``layerN``). One
+            such container: one group per block (``bert.encoder.layer.0``,
+            ``transformer.h.3``, ``blocks.7``, ``stages.2``); several side by side under one
+            parent (torchvision's resnet): one group per container, i.e. per stage, which is
+            the paper's seven ResNet-18 groups. Every other parameter groups by the module
+            one level below what it shares with the nearest container (embeddings
+            ``transformer.wte``, heads ``lm_head`` / ``classifier``, ``conv1``); without any
+            container, "auto" is depth 1.
+            1: the top-level children
             (torchvision's resnet18: conv1, bn1, layer1..layer4, fc); 2: one level down
             (residual blocks ``layer1.0``; transformer blocks ``encoder.layers.0``). ModuleList
             and ModuleDict are containers, not levels: their entries count at the container's
@@ -64,27 +163,39 @@ def layer_groups(model: nn.Module, depth: int = 1, pattern: str | None = None) -
             parameter goes to the group named by the first capture group if the pattern has one,
             else by the whole match. Parameters it does not match are grouped by ``depth``.
 
-    Shared parameters are listed once. Frozen parameters are included (localize computes their
-    gradients anyway; treat decides what trains).
+    Shared parameters are listed once. Frozen parameters are included (treat decides what
+    trains). Warns (UserWarning, naming the fix) when fewer than 3 groups result or one group
+    holds more than 90% of the parameters.
     """
-    check_int("depth", depth, 1)
-    named = _named_parameters(model)
-    model = unwrap(model)  # names as the bare module has them, not "module." / "_orig_mod."
+    if depth != "auto":
+        check_int("depth", depth, 1, hint=' (or depth="auto")')
+    _named_parameters(model)
+    model = naming_root(model)  # names as the bare module has them, not "module." / "_orig_mod."
+    named = list(model.named_parameters())
     regex = None
     if pattern is not None:
         try:
             regex = re.compile(pattern)
         except re.error as error:
             raise ValueError(f"pattern is not a valid regular expression: {error}") from None
+    how = f"depth={depth!r}" + (", pattern" if pattern is not None else "")
+    by_depth = None
+    if depth == "auto":
+        by_depth = _auto_groups(model, named)
+        depth = 1 if by_depth is None else depth
+    owner = {id(p): key for key, ps in (by_depth or {}).items() for p in ps}
     groups: dict[str, list] = {}
     cache: dict[str, bool] = {}
     for name, param in named:
         match = regex.match(name) if regex is not None else None
         if match is not None and (match.group(1) if regex.groups else match.group(0)):
             key = match.group(1) if regex.groups else match.group(0)
+        elif by_depth is not None:
+            key = owner[id(param)]
         else:
             key = _depth_group(model, name, depth, cache)
         groups.setdefault(key, []).append(param)
+    _warn_if_coarse(groups, how)
     return groups
 
 
@@ -99,7 +210,8 @@ def resolve_groups(model: nn.Module, groups=None, argument: str = "groups") -> d
     parameters must belong to ``model``, or names: each a module path or parameter name of
     ``model`` (``"layer3"``, ``"layer1.0"``, ``"fc.bias"``). Unknown names raise ValueError.
     """
-    named = _named_parameters(model)
+    _named_parameters(model)
+    named = list(naming_root(model).named_parameters())
     if groups is None:
         return layer_groups(model)
     if isinstance(groups, str):
@@ -122,7 +234,9 @@ def resolve_groups(model: nn.Module, groups=None, argument: str = "groups") -> d
     names = list(groups)
     if not names:
         raise ValueError(f"{argument} is empty: name at least one group")
-    known = layer_groups(model)
+    with warnings.catch_warnings():  # the depth-1 groups only serve to look names up here
+        warnings.simplefilter("ignore", UserWarning)
+        known = layer_groups(model)
     resolved = {}
     for key in names:
         if not isinstance(key, str):

@@ -37,6 +37,7 @@ from .._validation import check_int, check_level, check_seed
 from . import _data, _stats
 from ._report import PRIVATE, Report, format_interval, markdown_table
 from ._surgery import progress_bar
+from ._task import Task, batch_units, flat_mask, streamed_gradients
 from .groups import parameter_names, resolve_groups
 
 CRITERIA = ("grad_norm", "relative", "rms", "friction", "specificity", "probe")
@@ -83,11 +84,12 @@ def select_problem_layers(
 class ErrorGradients:
     """What one pass over a loader collects: summed gradients on failures and on references.
 
-    ``error_sums[i]`` is the gradient of the *sum* of cross-entropies over all failures (by
-    default the misclassified examples) w.r.t. ``params[i]`` (all-reduced over ranks);
-    ``correct_sums`` the same over the reference sample (examples that are not failures, as
-    many per batch as the batch has failures, at most all of them). Divide by the counts for
-    gradients of means.
+    ``error_sums[i]`` is the gradient of the *sum* of losses (cross-entropy unless a
+    ``loss_fn`` is given) over all failures (by default the misclassified examples or
+    positions) w.r.t. ``params[i]`` (all-reduced over ranks); ``correct_sums`` the same over the
+    reference sample (units that are not failures, as many per batch as the batch has failures,
+    at most all of them), or None unless ``reference_sums=True`` was asked for. Divide by the
+    counts for gradients of means.
 
     The cells: ``cell_failure_norms[c, j]`` (``cell_reference_norms``) is the L2 norm over
     group ``j``'s parameters of the gradient of the mean loss on cell ``c``'s failures (its
@@ -112,28 +114,42 @@ class ErrorGradients:
     cell_failure_indices: list = field(default_factory=list)
     cell_reference_indices: list = field(default_factory=list)
     examples: list = field(default_factory=list, metadata=PRIVATE)
+    task: Task = field(default_factory=Task, metadata=PRIVATE)
+    unit: str = "examples"  # what can fail: "examples", or "positions" for sequence tasks
 
 
 def error_gradients(
     model: nn.Module, loader, params, device=None, *, group_rows=None, failures=None,
     blocks: int = 32, seed: int = 0, keep_examples: bool = False, progress=None,
+    ignore_index: int | None = -100, shift_labels: bool = False, loss_fn=None,
+    reference_sums: bool = False,
 ) -> ErrorGradients:  # fmt: skip
     """One pass over ``loader``: find the failures and sum their loss gradients w.r.t. ``params``.
 
     Args:
         group_rows: per group, the positions in ``params`` of its parameters (default: one
             group of all); the cell norms are per group.
-        failures: see :func:`localize`.
+        failures, ignore_index, shift_labels, loss_fn: see :func:`localize`.
         blocks: about how many cells to cut (at least one per batch with a failure and a
             reference; a cell holds at least one failure).
         seed: draws which failures and references form each cell.
+        reference_sums: also sum the references' gradients (``correct_sums``; else None). It
+            costs a second fp32 accumulator the size of ``params``; no criterion needs it.
+
+    Memory: one fp32 accumulator per parameter of ``params`` (two with ``reference_sums``),
+    each gradient added in and freed as autograd produces it (one parameter's gradient at a
+    time), and one forward pass over a cell's examples; only ``params`` require grad during
+    the pass, and ``.grad`` fields are set aside and put back (both restored after).
 
     Indices: dataset indices, sorted, when the loader's order is reproducible (a DataLoader with
     a SequentialSampler or DistributedSampler, ``index_kind="dataset"``); otherwise positions in
     this pass's iteration order (``index_kind="position"``; under torch.distributed each rank's
-    positions, concatenated in rank order). Examples DistributedSampler repeats to even out
-    the shards are skipped, so a sharded pass counts each example once.
+    positions, concatenated in rank order). For per-position tasks each unit is
+    ``(index, position)``, the position in the labels as given (after ``shift_labels``, the
+    label the logits predict). Examples DistributedSampler repeats to even out the shards are
+    skipped, so a sharded pass counts each example once.
     """
+    task = Task.of(ignore_index, shift_labels, loss_fn)
     device = _data.model_device(model, device)
     order = _data.loader_order(loader)
     group_rows = [list(range(len(params)))] if group_rows is None else group_rows
@@ -147,67 +163,91 @@ def error_gradients(
     generator = torch.Generator().manual_seed(seed)
 
     error_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    correct_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    correct_sums = [torch.zeros_like(p, dtype=torch.float32) for p in params] if (
+        reference_sums) else None  # fmt: skip
     positions, labels_wrong, preds_wrong = [], [], []
     cell_f, cell_r, cell_f_pos, cell_r_pos, examples = [], [], [], [], []
     offset = seen = errors = correct = 0
+    any_units = per_position = False
     with _data.evaluation(model, params):
         for batch in progress_bar(loader, progress, "localize", total=batches):
-            inputs, labels = _data.unpack(batch)
-            inputs = _data.to_device(inputs, device)
-            with torch.no_grad():
-                logits = _data.logits_of(model, inputs)
-            labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
-            is_fail = select_failures(logits, labels, offset)
-            valid = order.valid(offset, len(labels), device)
-            is_ref = ~is_fail
-            if valid is not None:
-                is_fail, is_ref = is_fail & valid, is_ref & valid
-            fail = is_fail.nonzero().flatten()
-            ref = is_ref.nonzero().flatten()
-            preds = logits.argmax(dim=1)
-            positions += (fail + offset).tolist()
-            labels_wrong += labels[fail].tolist()
-            preds_wrong += preds[fail].tolist()
-            batch_offset = offset
-            offset += len(labels)
-            seen += len(labels) if valid is None else int(valid.sum())
+            inputs, labels, units = batch_units(model, task, batch, device)
+            count = units.shape[0]
+            is_fail = select_failures(units, offset)
+            valid = order.valid(offset, count, device)
+            real = units.valid if valid is None else units.valid & valid[:, None]
+            any_units = any_units or bool(units.valid.any())
+            per_position = per_position or units.per_position
+            is_fail = is_fail & real
+            is_ref = ~is_fail & real
+            fail = is_fail.flatten().nonzero().flatten()
+            ref = is_ref.flatten().nonzero().flatten()
+            width = units.shape[1]
+
+            def where(flat, batch_offset=offset, width=width, units=units):
+                rows, cols = (flat // width).tolist(), (flat % width).tolist()
+                if not units.per_position:
+                    return [batch_offset + r for r in rows]
+                return [(batch_offset + r, c + units.label_offset) for r, c in zip(rows, cols)]
+
+            positions += where(fail)
+            if units.labels is not None:
+                labels_wrong += units.labels.flatten()[fail].tolist()
+                preds_wrong += units.predictions.flatten()[fail].tolist()
+            else:
+                labels_wrong += [None] * len(fail)
+                preds_wrong += [None] * len(fail)
+            offset += count
+            seen += int(real.sum())
             if len(fail) == 0:
                 continue
+            if keep_examples and units.per_position:
+                raise ValueError("criterion='probe' needs a per-example task (one unit per "
+                                 "example), got per-position units")  # fmt: skip
             fail = fail[torch.randperm(len(fail), generator=generator).to(device)]
             ref = ref[torch.randperm(len(ref), generator=generator).to(device)]
             paired = min(len(fail), len(ref))
             start = 0
             for size in _stats.split_evenly(paired, cells_per_batch) if paired else []:
                 cell = len(cell_f)
-                for rows, sums, norms, where, kind in (
+                for chosen, sums, norms, stored, kind in (
                     (fail[start : start + size], error_sums, cell_f, cell_f_pos, "failure"),
                     (ref[start : start + size], correct_sums, cell_r, cell_r_pos, "reference"),
                 ):
-                    grads = _data.sum_gradients(model, inputs, labels, rows, params)
-                    _accumulate(sums, grads)
-                    norms.append(_stats.group_norms(grads, group_rows, size))
-                    where.append((rows + batch_offset).tolist())
+                    mask = flat_mask(units.shape, chosen)
+                    squares = streamed_gradients(model, task, inputs, labels, mask, params, sums)
+                    norms.append(_stats.norms_from_squares(squares, group_rows, size))
+                    stored.append(where(chosen))
                     if keep_examples:
-                        examples.append((kind, cell, _detach(inputs, rows), labels[rows]))
+                        rows = chosen // width
+                        examples.append((kind, cell, _detach(inputs, rows),
+                                         _data.select(labels, rows)))  # fmt: skip
                 start += size
             rest = fail[paired:]
             if len(rest):  # failures beyond the references of their batch: sums only
-                _accumulate(error_sums, _data.sum_gradients(model, inputs, labels, rest, params))
+                mask = flat_mask(units.shape, rest)
+                streamed_gradients(model, task, inputs, labels, mask, params, error_sums)
                 if keep_examples:
-                    examples.append(("failure", -1, _detach(inputs, rest), labels[rest]))
+                    rows = rest // width
+                    examples.append(("failure", -1, _detach(inputs, rows),
+                                     _data.select(labels, rows)))  # fmt: skip
             errors += len(fail)
             correct += paired
     select_failures.finish(offset)
-    for tensor in error_sums + correct_sums:
+    for tensor in error_sums + (correct_sums or []):
         all_reduce_sum_(tensor)
     counts = all_reduce_sum_(
-        torch.tensor([seen, errors, correct], dtype=torch.float64, device=device)
+        torch.tensor([seen, errors, correct, any_units], dtype=torch.float64, device=device)
     )
+    if offset and not counts[3]:
+        raise ValueError(
+            f"ignore_index={task.ignore_index} removes every label: no example or position "
+            "is left to score"
+        )
     index_kind, indices, labels_wrong, preds_wrong = _data.gather_in_dataset_order(
         order, positions, labels_wrong, preds_wrong
     )
-    to_index = (lambda p: int(order.indices[p])) if order.indices is not None else (lambda p: p)
+    to_index = _data.index_of(order)
     cell_f_pos = [[to_index(p) for p in rows] for rows in cell_f_pos]
     cell_r_pos = [[to_index(p) for p in rows] for rows in cell_r_pos]
     groups = len(group_rows)
@@ -219,7 +259,7 @@ def error_gradients(
         reference_norms = torch.cat([part[1] for part in parts])
         cell_f_pos = [rows for part in parts for rows in part[2]]
         cell_r_pos = [rows for part in parts for rows in part[3]]
-    seen, errors, correct = (int(c) for c in counts.tolist())
+    seen, errors, correct = (int(c) for c in counts[:3].tolist())
     return ErrorGradients(
         params=list(params),
         error_sums=error_sums,
@@ -236,22 +276,28 @@ def error_gradients(
         cell_failure_indices=cell_f_pos,
         cell_reference_indices=cell_r_pos,
         examples=examples,
+        task=task,
+        unit="positions" if per_position else "examples",
     )
 
 
 class _FailureSelector:
-    """``failures`` (None, a callable or a bool mask) as ``(logits, labels, offset) -> mask``."""
+    """``failures`` (None, a callable or a bool mask) as ``(units, offset) -> [batch, positions]``.
+
+    A mask is ``[examples]`` (per-example tasks) or ``[examples, positions]`` (per-position
+    tasks, positions of the labels as given), indexed by dataset index or by position.
+    """
 
     def __init__(self, failures, loader, order):
         self.failures, self.order, self.mask = failures, order, None
         if failures is None or callable(failures):
             return
         mask = failures if isinstance(failures, torch.Tensor) else torch.as_tensor(failures)
-        if mask.dtype != torch.bool or mask.dim() != 1:
+        if mask.dtype != torch.bool or mask.dim() not in (1, 2):
             raise ValueError(
-                "failures must be None, a callable (logits, labels) -> bool mask, or a 1-D bool "
-                f"mask over the loader's examples; got a {mask.dtype} tensor of shape "
-                f"{tuple(mask.shape)}"
+                "failures must be None, a callable (logits, labels) -> bool mask, or a bool "
+                "mask over the loader's examples ([examples], or [examples, positions] for "
+                f"per-position tasks); got a {mask.dtype} tensor of shape {tuple(mask.shape)}"
             )
         dataset = getattr(loader, "dataset", None)
         if order.indices is not None and dataset is not None and len(mask) != len(dataset):
@@ -261,19 +307,26 @@ class _FailureSelector:
             )
         self.mask = mask.cpu()
 
-    def __call__(self, logits, labels, offset):
+    def __call__(self, units, offset):
         if self.failures is None:
-            return logits.argmax(dim=1) != labels
+            if units.predictions is None:
+                raise ValueError(
+                    "no default failures: the labels are not class indices laid out like "
+                    "loss_fn's losses, so predictions cannot be compared with them; pass "
+                    "failures="
+                )
+            return units.predictions != units.labels
         if self.mask is None:
-            chosen = self.failures(logits, labels)
-            chosen = torch.as_tensor(chosen, device=labels.device)
-            if chosen.dtype != torch.bool or chosen.shape != labels.shape:
+            chosen = self.failures(units.logits, units.targets)
+            chosen = torch.as_tensor(chosen, device=units.valid.device)
+            expected = units.shape if units.per_position else units.shape[:1]
+            if chosen.dtype != torch.bool or tuple(chosen.shape) != tuple(expected):
                 raise ValueError(
                     "failures(logits, labels) must return a bool tensor of shape "
-                    f"{tuple(labels.shape)}, got {chosen.dtype} {tuple(chosen.shape)}"
+                    f"{tuple(expected)}, got {chosen.dtype} {tuple(chosen.shape)}"
                 )
-            return chosen
-        count = len(labels)
+            return chosen.view(units.shape)
+        count = units.shape[0]
         if self.order.indices is not None:
             rows = torch.tensor(self.order.indices[offset : offset + count], dtype=torch.long)
         else:
@@ -283,7 +336,21 @@ class _FailureSelector:
                     "examples (the mask is indexed by position in the loader's order)"
                 )
             rows = torch.arange(offset, offset + count)
-        return self.mask[rows].to(labels.device)
+        chosen = self.mask[rows]
+        if chosen.dim() == 1:
+            if units.per_position:
+                raise ValueError(
+                    "failures mask is [examples] but the task is per position: give "
+                    "[examples, positions]"
+                )
+            return chosen.to(units.valid.device)[:, None]
+        chosen = chosen[:, units.label_offset :]
+        if not units.per_position or chosen.shape != units.valid.shape:
+            raise ValueError(
+                f"failures mask gives {tuple(chosen.shape[1:])} positions per example, the "
+                f"batch's units are {units.shape[1]} per example"
+            )
+        return chosen.to(units.valid.device)
 
     def finish(self, seen_positions: int) -> None:
         if self.mask is not None and self.order.indices is None and seen_positions != len(
@@ -302,13 +369,9 @@ def _detach(inputs, rows):
     return chosen
 
 
-def _accumulate(sums, grads) -> None:
-    for total, grad in zip(sums, grads):
-        total.add_(grad)
-
-
 def _norm(tensors) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    # per tensor an fp32 norm; their squares are added in Python's double
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors))
 
 
 @dataclass
@@ -336,7 +399,7 @@ class Localization(Report):
     intervals: dict  # {group: (low, high) or None}
     p_values: dict  # {group: one-sided p or None}
     adjusted_p_values: dict  # Holm over groups
-    num_examples: int
+    num_examples: int  # examples scored, or positions (not ignore_index) for sequence tasks
     num_errors: int  # failures (by default the misclassified examples)
     correct_sample_size: int  # references: examples that are not failures, paired in cells
     num_cells: int
@@ -350,6 +413,7 @@ class Localization(Report):
     message: str
     groups: dict = field(default=None, repr=False, metadata=PRIVATE)  # {group: [parameters]}
     evidence: ErrorGradients = field(default=None, repr=False, metadata=PRIVATE)
+    task: Task = field(default_factory=Task, repr=False, metadata=PRIVATE)  # how units scored
 
     def to_markdown(self) -> str:
         problems = set(self.problem_layers)
@@ -399,6 +463,9 @@ def localize(
     probe_steps: int = 20,
     probe_lr: float = 0.01,
     progress: bool | None = None,
+    ignore_index: int | None = -100,
+    shift_labels: bool = False,
+    loss_fn=None,
 ) -> Localization:
     """Rank layer groups by how much the failures pull on them, with an interval and a p-value.
 
@@ -437,10 +504,22 @@ def localize(
             failures and no test).
         rule: "median", "topk" (with ``k``), "gap" (see :func:`select_problem_layers`) or
             "significant": the groups whose Holm-adjusted p-value is below ``alpha``.
-        failures: which examples to explain. None: the misclassified ones; a 1-D bool mask over
-            the loader's examples (by dataset index when the loader's order is reproducible,
-            else by position); or a callable ``(logits, labels) -> bool mask`` applied to each
-            batch. The references are drawn from the other examples.
+        failures: which units (examples, or positions of a sequence task) to explain. None:
+            the misclassified ones (argmax differs from the label); a bool mask over the
+            loader's examples, ``[examples]`` or ``[examples, positions]`` (by dataset index
+            when the loader's order is reproducible, else by position); or a callable
+            ``(logits, labels) -> bool mask`` applied to each batch (``[batch]`` or ``[batch,
+            positions]``, what the loss sees: after ``shift_labels``; with ``loss_fn`` the
+            model's output, or its ``.logits``, and the batch's labels). The references are
+            drawn from the other units of the same batch. Ignored labels are neither.
+        ignore_index: labels equal to it are skipped everywhere: no loss, never a failure or
+            reference, not counted (default -100, HF's). None: every label counts.
+        shift_labels: for HF causal LMs, whose labels equal ``input_ids``: logits at position
+            ``t`` are scored against the label at ``t + 1`` (as the model's own loss does).
+        loss_fn: custom tasks: ``loss_fn(outputs, labels)`` returns per-example ``[batch]`` or
+            per-position ``[batch, positions]`` losses (``outputs``: what the model returned);
+            the gradients are of their sums. Give ``failures=`` unless the labels are class
+            indices laid out like the losses (then argmax of ``.logits`` decides).
         blocks: about how many cells to cut in total (``ceil(blocks / len(loader))`` per batch,
             each with at least one failure). With ``n`` cells the smallest attainable p-value is
             ``2**-n`` (exact test up to 16 cells, Monte Carlo above).
@@ -462,10 +541,17 @@ def localize(
 
     Indices (``error_indices``): dataset indices when the loader's order is reproducible
     (``index_kind="dataset"``), else positions in the pass's iteration order; see
-    :func:`error_gradients`. Pass the bare module, not one wrapped for FSDP (DDP and
-    DataParallel wrappers are unwrapped).
+    :func:`error_gradients`; for per-position tasks each is ``(index, position)``. Pass the
+    bare module, not one wrapped for FSDP (DDP and DataParallel wrappers are unwrapped).
+
+    Cost: one forward pass without grad over the loader, then per cell a forward and backward
+    over the examples holding its units; only the requested groups' parameters require grad
+    meanwhile (so nothing below the first of them is differentiated), and the extra memory is
+    one fp32 accumulator per requested parameter (each gradient is added in and freed as
+    autograd produces it) plus a forward pass over a cell's examples.
     """
     model = _data.unwrap(model)
+    task = Task.of(ignore_index, shift_labels, loss_fn)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     select_problem_layers({}, rule, k, alpha=alpha)  # validates rule, k, alpha before any work
@@ -480,6 +566,11 @@ def localize(
         from .probe import check_probe_arguments
 
         check_probe_arguments(probe_loader, probe_steps, probe_lr)
+        if shift_labels or loss_fn is not None:
+            raise ValueError(
+                "criterion='probe' scores examples by cross-entropy: it takes neither "
+                "shift_labels nor loss_fn"
+            )
     groups = resolve_groups(model, groups)
     names = list(groups)
     params = _unique(p for ps in groups.values() for p in ps)
@@ -491,9 +582,10 @@ def localize(
         found = error_gradients(
             model, loader, params, device, group_rows=group_rows, failures=failures,
             blocks=blocks, seed=seed, keep_examples=criterion == "probe", progress=progress,
+            ignore_index=ignore_index, shift_labels=shift_labels, loss_fn=loss_fn,
         )  # fmt: skip
     else:
-        found = _no_pass(params, len(names))
+        found = _no_pass(params, len(names), task)
     grad_norms = {}
     for name, rows in zip(names, group_rows):
         grad_norms[name] = _norm(found.error_sums[i] for i in rows) / max(found.num_errors, 1)
@@ -563,6 +655,7 @@ def localize(
         message=message,
         groups=groups,
         evidence=found,
+        task=task,
     )
 
 
@@ -575,10 +668,11 @@ def _unique(params) -> list:
     return out
 
 
-def _no_pass(params, groups: int) -> ErrorGradients:
+def _no_pass(params, groups: int, task: Task) -> ErrorGradients:
     zeros = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     empty = torch.zeros(0, groups, dtype=torch.float64)
-    return ErrorGradients(params, zeros, zeros, 0, 0, 0, [], [], [], "position", empty, empty)
+    return ErrorGradients(params, zeros, None, 0, 0, 0, [], [], [], "position", empty, empty,
+                          task=task)  # fmt: skip
 
 
 def _friction_values(model, groups, optimizer) -> dict:
@@ -604,13 +698,13 @@ def _message(found, loader, criterion, rule, alpha, problem_layers, num_groups, 
     if loader is None:
         where = "no loader given: failures not examined, no test"
     elif found.num_errors == 0:
-        where = f"no {what} examples among {found.num_examples}: nothing to localize"
+        where = f"no {what} {found.unit} among {found.num_examples}: nothing to localize"
         if criterion != "friction":
             return where
     else:
         cells = len(found.cell_failure_norms)
         where = (
-            f"{found.num_errors} {what.rstrip(':')} of {found.num_examples} examples, "
+            f"{found.num_errors} {what.rstrip(':')} of {found.num_examples} {found.unit}, "
             f"{found.num_correct_sample} references in {cells} cells"
         )
     how = f"{criterion}, rule {rule}" + (f" (Holm-adjusted p < {alpha:g})" if rule ==

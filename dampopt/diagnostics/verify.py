@@ -29,28 +29,51 @@ def mcnemar_exact(fixed: int, new: int) -> float:
     return float(min(Fraction(1), 2 * tail))
 
 
-def _as_labels(name: str, values) -> torch.Tensor:
+def _as_labels(name: str, values, ignore_index=None, signs=True) -> torch.Tensor:
     tensor = torch.as_tensor(values).detach().cpu()
     if tensor.numel() == 0:
         return tensor.reshape(0).long()  # [] becomes float32 in torch: no dtype to judge
-    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D sequence of integer class indices")
-    if tensor.numel() and int(tensor.min()) < 0:
-        raise ValueError(f"{name} must hold class indices >= 0, got {int(tensor.min())}")
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() == 0:
+        raise ValueError(
+            f"{name} must be a sequence of integer class indices ([examples] or [examples, "
+            "positions])"
+        )
+    kept = tensor if ignore_index is None else tensor[tensor != ignore_index]
+    if signs and kept.numel() and int(kept.min()) < 0:
+        raise ValueError(f"{name} must hold class indices >= 0, got {int(kept.min())}")
     return tensor.long()
 
 
-def check_predictions(labels, named_predictions: dict, num_classes: int | None = None):
-    """Labels and predictions as equal-length int64 tensors, after range checks."""
-    labels = _as_labels("labels", labels)
+def check_predictions(labels, named_predictions: dict, num_classes: int | None = None,
+                      ignore_index: int | None = None):  # fmt: skip
+    """Labels and predictions as equal-length 1-D int64 tensors, after range checks.
+
+    Labels and predictions may be ``[examples]`` or ``[examples, positions]`` (flattened
+    row-major); entries whose label is ``ignore_index`` are dropped.
+    """
+    labels = _as_labels("labels", labels, ignore_index)
     if labels.numel() == 0:
         raise ValueError("labels is empty")
     checked = {}
     for name, preds in named_predictions.items():
-        preds = _as_labels(name, preds)
+        preds = _as_labels(name, preds, signs=False)  # checked where the label is kept
         if preds.shape != labels.shape:
-            raise ValueError(f"{name} has {preds.numel()} entries but labels has {labels.numel()}")
-        checked[name] = preds
+            raise ValueError(
+                f"{name} has {preds.numel()} entries but labels has {labels.numel()}"
+                + (f" (shapes {tuple(preds.shape)} and {tuple(labels.shape)})"
+                   if preds.numel() == labels.numel() else "")
+            )  # fmt: skip
+        checked[name] = preds.flatten()
+    labels = labels.flatten()
+    if ignore_index is not None:
+        kept = labels != ignore_index
+        if not kept.any():
+            raise ValueError(f"ignore_index={ignore_index} removes every label: nothing to verify")
+        labels = labels[kept]
+        checked = {name: preds[kept] for name, preds in checked.items()}
+    for name, preds in checked.items():
+        if preds.numel() and int(preds.min()) < 0:
+            raise ValueError(f"{name} must hold class indices >= 0, got {int(preds.min())}")
     if num_classes is not None:
         for name, tensor in {"labels": labels, **checked}.items():
             if int(tensor.max()) >= num_classes:
@@ -86,17 +109,25 @@ class Verification(Report):
         )
 
 
-def verify(labels, preds_before, preds_after, num_classes: int | None = None) -> Verification:
+def verify(
+    labels, preds_before, preds_after, num_classes: int | None = None, *,
+    ignore_index: int | None = -100,
+) -> Verification:  # fmt: skip
     """Before/after comparison of two prediction vectors on the same examples.
 
     Args:
-        labels, preds_before, preds_after: equal-length sequences/tensors of class indices
-            (for example ``localization``-style ``predict`` outputs on a test set).
+        labels, preds_before, preds_after: equal-shape sequences/tensors of class indices,
+            ``[examples]`` or ``[examples, positions]`` (for example :func:`predict`'s outputs
+            on a test set, before and after treatment).
         num_classes: if given, every value must be below it.
+        ignore_index: entries whose label equals it are dropped before counting (HF's -100);
+            ``fixed_indices`` / ``new_indices`` are positions among the kept entries, in
+            row-major order.
     """
     labels, preds = check_predictions(
-        labels, {"preds_before": preds_before, "preds_after": preds_after}, num_classes
-    )
+        labels, {"preds_before": preds_before, "preds_after": preds_after}, num_classes,
+        ignore_index,
+    )  # fmt: skip
     right_before = preds["preds_before"] == labels
     right_after = preds["preds_after"] == labels
     fixed = (~right_before & right_after).nonzero().flatten().tolist()
@@ -239,7 +270,9 @@ def compute_saving(
 
 
 @torch.no_grad()
-def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model, loader, device=None, *, ignore_index: int | None = -100, shift_labels: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(labels, predictions)`` over ``loader`` as CPU int64 tensors.
 
     Order: by dataset index when the loader's order is reproducible (a DataLoader with a
@@ -247,9 +280,16 @@ def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     rows, each example once, as one process would see them); otherwise the iteration order
     (ranks concatenated in rank order). For :func:`verify`, predict before and after treatment
     on the same loader so positions line up. The model runs in eval mode (modes restored after).
+
+    Per-position tasks (logits ``[batch, positions, classes]``, e.g. a language model; with
+    ``shift_labels`` as for :func:`localize`): one entry per position whose label is not
+    ``ignore_index``, example by example and position by position within each; the same kept
+    positions before and after, since they depend on the labels only.
     """
     from . import _data
+    from ._task import Task, batch_units
 
+    task = Task.of(ignore_index, shift_labels)
     model = _data.unwrap(model)
     device = _data.model_device(model, device)
     order = _data.loader_order(loader)
@@ -257,12 +297,18 @@ def predict(model, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     offset = 0
     with _data.evaluation(model, []):
         for batch in loader:
-            _, labels, preds = _data.classify_batch(model, batch, device)
-            valid = order.valid(offset, len(labels), device)
-            rows = range(len(labels)) if valid is None else valid.nonzero().flatten().tolist()
-            positions += [offset + row for row in rows]
-            offset += len(labels)
-            labels_out += labels.cpu()[list(rows)].tolist()
-            preds_out += preds.cpu()[list(rows)].tolist()
+            _, _, units = batch_units(model, task, batch, device)
+            count = units.shape[0]
+            valid = order.valid(offset, count, device)
+            keep = units.valid if valid is None else units.valid & valid[:, None]
+            rows = range(count) if valid is None else valid.nonzero().flatten().tolist()
+            keep, truth, preds = keep.cpu(), units.labels.cpu(), units.predictions.cpu()
+            for row in rows:
+                positions.append(offset + row)
+                labels_out.append(truth[row][keep[row]].tolist())
+                preds_out.append(preds[row][keep[row]].tolist())
+            offset += count
     _, _, labels, preds = _data.gather_in_dataset_order(order, positions, labels_out, preds_out)
+    labels = [value for row in labels for value in row]
+    preds = [value for row in preds for value in row]
     return torch.tensor(labels, dtype=torch.long), torch.tensor(preds, dtype=torch.long)
