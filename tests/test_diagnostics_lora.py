@@ -204,3 +204,25 @@ def test_treat_controls_compares_lora_arms_at_the_same_rank_and_budget():
     # token-level: the eval positions are the shifted, non-ignored labels
     assert outcome.num_examples == 16 * (LENGTH - 1)
     assert set(outcome.comparisons) == {"unflagged", "random-1", "all"}
+
+
+def test_plain_treat_trains_a_causal_lm_on_its_tokens():
+    """Without an adapter, treat scores the shifted tokens and skips ignored labels too."""
+    model = _gpt2()
+    ids = next(iter(_loader()))[0]
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt the loss ignores
+    batch = DataLoader(TensorDataset(ids, labels), batch_size=len(ids))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    kept = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], labels[:, 1:][kept])
+    before = _state(model)
+    corrected, report = treat(model, batch, ["transformer.h.1"], epochs=1, lr=0.01,
+                              shift_labels=True, progress=False)  # fmt: skip
+    # one step: its loss is the model's own mean over the kept, shifted tokens
+    assert report.epoch_losses[0] == pytest.approx(float(expected), rel=1e-5)
+    assert report.adapter is None and report.trainable_parameters == report.trainable_elements
+    changed = {n for n, p in corrected.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("transformer.h.1.") for n in changed)
+    assert "transformer.h.1.attn.c_attn.weight" in changed
