@@ -50,17 +50,21 @@ def test_smoke_preset_runs_in_under_a_minute_and_reports_both_tiers(tmp_path):
         f"{top}.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     )
     # the random-failure control has as many failures, at the same rate
+    assert t1["random_control_draws"]["draws"] == setup["control_draws"]
     control = t1["random_failures_control"]
     assert abs(control["num_failures"] - failures["num_failures"]) < 0.1 * failures["num_failures"]
 
     assert t2["failure_eval_units"] == t2["general_eval_units"] == setup["eval_windows"] * predicted
     arms = {run["arm"]: run for run in t2["runs"]}
-    assert len(t2["runs"]) == 3 * len(setup["seeds"]) and set(arms) == {
-        "surgical", "full", "random-block"
+    assert len(t2["runs"]) == 4 * len(setup["seeds"]) and set(arms) == {
+        "surgical", "full", "random-block", "full-low-rank"
     }  # fmt: skip
     assert arms["surgical"]["trainable_parameters"] == PER_BLOCK
     assert arms["random-block"]["trainable_parameters"] == PER_BLOCK
     assert arms["full"]["trainable_parameters"] == PER_BLOCK * setup["layers"]
+    # every block at rank 1 (4 * 1 / 4): the surgical arm's parameter count, spread out
+    assert arms["full-low-rank"]["rank"] == t2["low_rank"] == 1
+    assert arms["full-low-rank"]["trainable_parameters"] == PER_BLOCK // 4 * setup["layers"]
     assert arms["random-block"]["blocks"] != arms["surgical"]["blocks"]
     for run in t2["runs"]:
         assert run["net"] == run["fixed"] - run["new"] and run["wall_time_s"] > 0
