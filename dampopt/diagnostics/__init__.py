@@ -6,7 +6,8 @@
 3. Diagnose: :func:`diagnose` - most frequent confusion pairs, each with its layer group, or
    "not distinguishable".
 4. Treat: :func:`treat` (with :func:`friction_mask`) - retrain only those groups, on a copy;
-   :func:`treat_controls` - the same budget on unflagged, random, all and largest groups.
+   :func:`treat_controls` - the same budget on unflagged, random, all and largest groups;
+   ``treat(adapter="lora")`` with :func:`lora_targets` - surgical LoRA on those groups only.
 5. Verify: :func:`verify`, :func:`compare_treatments`, :func:`compute_saving` - fixed/new errors
    and exact McNemar p-values, on examples the localization did not see (:func:`split_halves`).
 
@@ -27,6 +28,7 @@ from .localize import (
     localize,
     select_problem_layers,
 )
+from .lora import lora_targets
 from .scan import RegimeMonitor, ScanReport, ScanRow, cosine_schedule, scan_schedule
 from .treat import OPTIMIZERS, TreatReport, friction_mask, treat
 from .verify import (
@@ -71,6 +73,7 @@ __all__ = [
     "friction_mask",
     "layer_groups",
     "localize",
+    "lora_targets",
     "mcnemar_exact",
     "pair_gradients",
     "predict",

@@ -23,7 +23,7 @@ from ..momentum import momentum_in_effect
 from ..physics_sgd import PhysicsSGD
 from . import _data
 
-OPTIMIZERS = ("physics", "sgd", "adam")
+OPTIMIZERS = ("physics", "sgd", "adam", "adamw")
 
 
 def step_cosine(lr_max: float, lr_min: float, steps: int) -> list[float]:
@@ -49,6 +49,8 @@ def build_optimizer(optimizer, params, lr, weight_decay, momentum):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "sgd"
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay), "adam"
+    if optimizer == "adamw":  # decoupled weight decay, how LoRA adapters are usually trained
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
     built = optimizer(params, lr)
     if not isinstance(built, torch.optim.Optimizer):
         raise TypeError("optimizer callable must return a torch.optim.Optimizer")
@@ -185,11 +187,44 @@ class Surgery:
             self.params[name].copy_(torch.where(mask, self.params[name], original))
 
 
-def train_step(model, batch, opt, surgery: Surgery, device) -> tuple[torch.Tensor, int]:
-    """One cross-entropy step on ``batch``; returns (detached fp64 loss sum, batch size)."""
+def train_step(model, batch, opt, surgery: Surgery, device, task=None) -> tuple[torch.Tensor, int]:
+    """One step on ``batch``; returns (detached fp64 loss sum, number of units).
+
+    ``task`` (a :class:`._task.Task`) scores per-position outputs (a language model's tokens,
+    ``shift_labels``, ``ignore_index``, ``loss_fn``): the step then minimises the mean loss over
+    the batch's units. A classifier's ``[batch, classes]`` logits with no ignored label take
+    the plain cross-entropy path, exactly as before tasks existed.
+    """
     inputs, labels = _data.unpack(batch)
     inputs = _data.to_device(inputs, device)
-    logits = _data.logits_of(model, inputs)
+    if task is None:
+        logits = _data.logits_of(model, inputs)
+        return _classifier_step(logits, labels, opt, surgery, device)
+    outputs = _data.outputs_of(model, inputs)
+    labels = _data.to_device(torch.as_tensor(labels) if isinstance(labels, list) else labels,
+                             device)  # fmt: skip
+    logits = getattr(outputs, "logits", outputs)
+    plain = (
+        task.loss_fn is None and not task.shift_labels and isinstance(logits, torch.Tensor)
+        and logits.dim() == 2 and isinstance(labels, torch.Tensor) and labels.dim() == 1
+        and (task.ignore_index is None or not bool((labels == task.ignore_index).any()))
+    )  # fmt: skip
+    if plain:
+        return _classifier_step(logits, labels, opt, surgery, device)
+    units = task.evaluate(outputs, labels)
+    count = int(units.valid.sum())
+    if count == 0:  # every label ignored: nothing to learn from this batch
+        return torch.zeros((), dtype=torch.float64, device=device), 0
+    total = units.losses[units.valid].sum()
+    opt.zero_grad(set_to_none=True)
+    (total / count).backward()
+    surgery.edit_gradients()
+    opt.step()
+    surgery.restore_untrained()
+    return total.detach().double(), count
+
+
+def _classifier_step(logits, labels, opt, surgery, device):
     labels = _data.check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
     loss = F.cross_entropy(logits.float(), labels)
     opt.zero_grad(set_to_none=True)

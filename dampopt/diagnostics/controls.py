@@ -157,7 +157,12 @@ def treat_controls(
         seeds: one treatment of every arm per seed (the seed fixes the batch order).
         alpha: the level for :meth:`ControlledTreatment.beats` and the message.
         **treat_kwargs: passed to every :func:`treat` call (``epochs``, ``lr``, ``optimizer``,
-            ``weight_decay``, ``ewc``...); not ``layers``, ``mask`` or ``seed``.
+            ``weight_decay``, ``ewc``...); not ``layers``, ``mask`` or ``seed``. With
+            ``adapter="lora", rank=, alpha=`` every arm trains LoRA adapters of that rank on
+            its own groups' modules (surgical LoRA against LoRA on all, random and unflagged
+            blocks at the same rank and budget); an arm whose groups hold no adaptable module
+            raises. How units are scored (``shift_labels``, ``ignore_index``, ``loss_fn``)
+            defaults to the localization's, for training and for the predictions compared.
 
     Cost: ``len(seeds) x (number of arms)`` treatments, plus one prediction pass each.
     """
@@ -183,7 +188,13 @@ def treat_controls(
     make_loader = callable(train_loader) and not isinstance(train_loader, Iterable)
     chosen, skipped = _arm_layers(localization, arms, random_draws)
 
-    labels, before = predict(model, eval_loader, device)
+    task = localization.task
+    for key, value in (("ignore_index", task.ignore_index), ("shift_labels", task.shift_labels),
+                       ("loss_fn", task.loss_fn)):  # fmt: skip
+        treat_kwargs.setdefault(key, value)
+    scoring = {"ignore_index": treat_kwargs["ignore_index"],
+               "shift_labels": treat_kwargs["shift_labels"]}  # fmt: skip
+    labels, before = predict(model, eval_loader, device, **scoring)
     accuracy_before = float((before == labels).double().mean())
     groups = _groups_of(model, localization)
     results, predictions, budget = [], {}, None
@@ -192,7 +203,7 @@ def treat_controls(
             loader = train_loader(seed) if make_loader else train_loader
             corrected, report = treat(model, loader, layers={g: groups[g] for g in layers},
                                       seed=seed, device=device, **treat_kwargs)  # fmt: skip
-            seen, after = predict(corrected, eval_loader, device)
+            seen, after = predict(corrected, eval_loader, device, **scoring)
             del corrected
             if not torch.equal(seen, labels):
                 raise ValueError(

@@ -42,8 +42,10 @@ from ._surgery import (
     train_modes,
     train_step,
 )
+from ._task import Task
 from .groups import parameter_names, resolve_groups
 from .localize import Localization
+from .lora import flagged_parameters, lora_targets, require_peft, wrap_with_lora
 
 __all__ = ["OPTIMIZERS", "TreatReport", "friction_mask", "treat"]
 
@@ -101,6 +103,12 @@ class TreatReport(Report):
     weight_decay: float
     seed: int | None  # torch seed the treatment ran under (batch order), None: not seeded
     wall_time_s: float
+    adapter: str | None = None  # "lora": adapters trained, the base weights frozen
+    rank: int | None = None  # LoRA rank r
+    lora_alpha: float | None = None  # LoRA scale numerator (update = alpha / r * B A)
+    targets: list | None = None  # adapted module names (lora_targets)
+    merged: bool = False  # the returned model has the adapters merged into its weights
+    trainable_parameters: int = 0  # parameter elements the optimizer updated
 
     def to_markdown(self) -> str:
         summary = markdown_table(
@@ -112,6 +120,14 @@ class TreatReport(Report):
                 ("tensor fraction", self.tensor_fraction),
                 ("trainable elements", f"{self.trainable_elements}/{self.total_elements}"),
                 ("element fraction", self.element_fraction),
+                (
+                    "adapter",
+                    "—"
+                    if self.adapter is None
+                    else f"{self.adapter} (r={self.rank}, alpha={self.lora_alpha:g}, "
+                    f"{len(self.targets)} modules{', merged' if self.merged else ''})",
+                ),
+                ("trainable parameters", self.trainable_parameters),
                 ("optimizer", self.optimizer),
                 ("epochs", self.epochs),
                 ("steps", self.steps),
@@ -149,12 +165,21 @@ def treat(
     device=None,
     seed: int | None = None,
     progress: bool | None = None,
+    adapter: str | None = None,
+    rank: int = 8,
+    alpha: float = 16,
+    merge: bool = False,
+    ignore_index: int | None = -100,
+    shift_labels: bool = False,
+    loss_fn=None,
 ):
-    """Retrain the chosen groups (or masked elements) of a copy of ``model``.
+    """Retrain the chosen groups (or masked elements) of a copy of ``model``, or adapt them.
 
     Args:
         model: left untouched; a deep copy is trained.
-        loader: training batches ``(inputs, labels)``; cross-entropy loss. Needs ``len()``.
+        loader: training batches ``(inputs, labels)`` or dicts with ``"labels"``; the mean
+            cross-entropy over the batch's units (examples, or a sequence model's positions).
+            Needs ``len()``.
         layers: group names (``"layer3"``, ``"layer1.0"``...), ``{name: [parameters]}``, or a
             :class:`Localization` (its ``problem_layers``).
         mask: ``{parameter or parameter name: bool tensor of its shape}`` (e.g.
@@ -164,8 +189,8 @@ def treat(
             is ``lr_min + (lr - lr_min) * (1 + cos(pi * t / (T - 1))) / 2``: ``lr`` at the
             first step, ``lr_min`` (default ``lr / 100``) exactly at the last.
         optimizer: "physics" (:class:`dampopt.PhysicsSGD`, the paper's; its momentum follows
-            the lr of every step), "sgd" (torch SGD with ``momentum``), "adam", or a callable
-            ``(params, lr) -> optimizer``.
+            the lr of every step), "sgd" (torch SGD with ``momentum``), "adam", "adamw" (how
+            LoRA adapters are usually trained), or a callable ``(params, lr) -> optimizer``.
         ewc: strength of the penalty ``(ewc / 2) * ||theta - theta_0||^2`` toward the original
             weights of the trained parameters: the isotropic (identity-Fisher) variant of
             elastic weight consolidation, not a Fisher-weighted one.
@@ -177,10 +202,23 @@ def treat(
             is what makes two treatments a paired comparison. A DistributedSampler gets
             ``set_epoch(e)`` for each epoch either way (its epoch is restored after).
         progress: a tqdm bar over the steps; None: when stderr is a terminal.
+        adapter: None (retrain the chosen parameters themselves) or "lora": surgical LoRA.
+            The copy is wrapped by peft with LoRA adapters of rank ``rank`` and scale
+            ``alpha / rank`` on the modules of the chosen groups only (:func:`lora_targets`:
+            ``nn.Linear`` and GPT-2's ``Conv1D``); only the adapters train, with the same
+            protocol (optimizer, cosine lr, seed, EWC toward their initial values). The
+            adapters' initialisation is drawn under ``seed``. Needs peft (``pip install
+            "dampopt[llm]"``); not with ``mask``.
+        merge: with ``adapter="lora"``, return the plain model with the adapters merged into
+            its weights (peft's ``merge_and_unload``) instead of the peft model.
+        ignore_index, shift_labels, loss_fn: how units are scored, as for :func:`localize`
+            (pass the same values: ``shift_labels=True`` for HF causal LMs).
 
     Returns:
         ``(corrected_copy, TreatReport)``; the copy has the input's ``requires_grad`` flags and
-        train/eval modes.
+        train/eval modes. With ``adapter="lora"``: a ``peft.PeftModel`` (base weights frozen,
+        bit-identical to the input's; adapters trainable), or with ``merge=True`` the merged
+        plain model (input's flags and modes).
     """
     model = _data.unwrap(model)
     check_int("epochs", epochs, 1)
@@ -192,6 +230,15 @@ def treat(
     weight_decay = check_non_negative("weight_decay", weight_decay)
     check_optimizer(optimizer)
     check_seed(seed, allow_none=True)
+    task = Task.of(ignore_index, shift_labels, loss_fn)
+    if adapter not in (None, "lora"):
+        raise ValueError(f'adapter must be None or "lora", got {adapter!r}')
+    if adapter is not None and mask is not None:
+        raise ValueError('adapter="lora" adapts whole modules; it does not take mask=')
+    if not isinstance(merge, bool):
+        raise ValueError(f"merge must be True or False, got {merge!r}")
+    if merge and adapter is None:
+        raise ValueError('merge=True merges adapters: it needs adapter="lora"')
     try:
         steps_per_epoch = len(loader)
     except TypeError:
@@ -199,13 +246,26 @@ def treat(
     if steps_per_epoch < 1:
         raise ValueError("loader yields no batch: nothing to train on")
     names = parameter_names(model)
-    element_masks, layer_names = _trainable(model, names, layers, mask)
-    if not element_masks:
-        raise ValueError("nothing to train: the chosen layers/mask select no parameter element")
+    targets = None
+    if adapter is None:
+        element_masks, layer_names = _trainable(model, names, layers, mask)
+        if not element_masks:
+            raise ValueError("nothing to train: the chosen layers/mask select no parameter element")
+    else:
+        check_int("rank", rank, 1)
+        if layers is None:
+            raise ValueError('adapter="lora" needs layers (group names or a Localization)')
+        require_peft()
+        layer_names, _ = flagged_parameters(model, layers)
+        targets = lora_targets(model, layers)
 
     device = _data.model_device(model, device)
     corrected = copy.deepcopy(model).to(device)
     flags = {name: p.requires_grad for name, p in corrected.named_parameters()}
+    if adapter is not None:
+        corrected = wrap_with_lora(corrected, targets, rank, alpha, seed)
+        element_masks = {name: None for name, p in corrected.named_parameters()
+                         if p.requires_grad}  # fmt: skip
     surgery = Surgery.prepare(corrected, element_masks, ewc, device)
     opt, optimizer_name = build_optimizer(optimizer, surgery.trained(), lr, weight_decay, momentum)
     lrs = step_cosine(lr, lr_min, epochs * steps_per_epoch)
@@ -225,7 +285,7 @@ def treat(
                 step_lr = lrs[min(steps, len(lrs) - 1)]  # a loader longer than len(): lr_min
                 for group in opt.param_groups:
                     group["lr"] = step_lr
-                batch_loss, size = train_step(corrected, batch, opt, surgery, device)
+                batch_loss, size = train_step(corrected, batch, opt, surgery, device, task)
                 if n == 0:
                     epoch_lrs.append(step_lr)
                     momenta.append(momentum_of(opt))
@@ -240,12 +300,25 @@ def treat(
     synchronize(device)
     wall = time.perf_counter() - start
 
-    for name, p in corrected.named_parameters():
-        p.requires_grad_(flags[name])
-    for source, target in zip(model.modules(), corrected.modules()):
-        target.training = source.training
+    if adapter is None:
+        for name, p in corrected.named_parameters():
+            p.requires_grad_(flags[name])
+        for source, target in zip(model.modules(), corrected.modules()):
+            target.training = source.training
+        trainable = None
+    else:
+        trainable = {name: p.numel() for name, p in corrected.named_parameters()
+                     if name in element_masks}  # fmt: skip
+        corrected.train(model.training)
+        if merge:
+            corrected = corrected.merge_and_unload()
+            for name, p in corrected.named_parameters():
+                p.requires_grad_(flags[name])
+            for source, target in zip(model.modules(), corrected.modules()):
+                target.training = source.training
     report = _report(
         model,
+        trainable=trainable,
         names=names,
         element_masks=element_masks,
         layer_names=layer_names,
@@ -262,6 +335,9 @@ def treat(
         seed=seed,
         wall=wall,
     )
+    if adapter is not None:
+        report.adapter, report.rank, report.lora_alpha = adapter, rank, float(alpha)
+        report.targets, report.merged = targets, merge
     return corrected, report
 
 
@@ -322,6 +398,7 @@ def _trainable(model, names, layers, mask):
 def _report(
     model,
     *,
+    trainable=None,
     names,
     element_masks,
     layer_names,
@@ -340,9 +417,13 @@ def _report(
 ) -> TreatReport:
     by_name = dict(model.named_parameters())
     total_elements = sum(p.numel() for p in by_name.values())
-    trainable_elements = sum(
-        by_name[name].numel() if m is None else int(m.sum()) for name, m in element_masks.items()
-    )
+    if trainable is None:
+        trainable_elements = sum(
+            by_name[name].numel() if m is None else int(m.sum())
+            for name, m in element_masks.items()
+        )
+    else:  # adapters: parameters of the wrapped copy, counted against the base model's
+        trainable_elements = sum(trainable.values())
     return TreatReport(
         layers=layer_names,
         masked=masked,
@@ -363,4 +444,5 @@ def _report(
         weight_decay=weight_decay,
         seed=seed,
         wall_time_s=wall,
+        trainable_parameters=trainable_elements,
     )
