@@ -49,11 +49,16 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
+    from dampopt.reference import run_file
 
-from dampopt.diagnostics import (
+    run_file(__file__)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from dampopt.diagnostics import (  # noqa: E402
     compare_treatments,
     layer_groups,
     localize,
@@ -62,6 +67,8 @@ from dampopt.diagnostics import (
     treat,
     verify,
 )
+
+from . import files  # noqa: E402
 
 LICENSES = Path("/usr/share/common-licenses")
 STDLIB_MODULES = (
@@ -578,7 +585,8 @@ def figure(results: dict, path: Path) -> bool:
               title="Tier 2")  # fmt: skip
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with files.atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
     return True
 
@@ -629,8 +637,9 @@ def run(preset_name: str, out: Path, progress) -> dict:
     }  # fmt: skip
     results["wall_time_s"] = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "report.md").write_text(report_markdown(results))
+    # atomically: an interrupted run leaves the old file or the whole new one, never half
+    files.write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    files.write_text(out / "report.md", report_markdown(results))
     results["figure"] = figure(results, out / "figure.png")
     return results
 
