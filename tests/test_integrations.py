@@ -137,3 +137,31 @@ def test_lightning_callback_flips_the_hybrid_switch_and_records_regimes():
 
     _, control = _lightning_run(switch_metric=2.0)
     assert control.switched_at is None and len(control.observed) == 4
+
+
+def test_timm_registry_builds_each_optimizer_by_name():
+    timm = pytest.importorskip("timm")
+    from timm.optim import create_optimizer_v2
+
+    import dampopt
+    from dampopt.integrations.timm import register_optimizers
+
+    names = register_optimizers()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    expected = {"physicssgd": dampopt.PhysicsSGD, "ikfad": dampopt.iKFAD,
+                "cubicdampedsgd": dampopt.CubicDampedSGD, "cadam": dampopt.CADAM}  # fmt: skip
+    assert sorted(names) == sorted(expected)
+    assert set(expected) <= set(timm.optim.list_optimizers())
+    for name, cls in expected.items():
+        optimizer = create_optimizer_v2(model, opt=name, lr=0.01, weight_decay=1e-4,
+                                        eps=1e-7 if name == "cadam" else None)  # fmt: skip
+        assert type(optimizer) is cls
+        assert optimizer.param_groups[0]["lr"] == 0.01
+        # timm's weight-decay filter: biases and 1-d weights in a group without decay
+        assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 1e-4]
+        if name == "cadam":
+            assert optimizer.param_groups[0]["eps"] == 1e-7
+        if name == "physicssgd":
+            assert optimizer.param_groups[0]["switch_momentum"] == 0.9  # timm's momentum
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
