@@ -63,7 +63,8 @@ def test_auto_on_hf_bert_and_gpt2_gives_one_group_per_block():
     # depth 1 is one group and warns
     assert [k for k in layer_groups(bert, depth=3) if ".layer." in k] == blocks
     with pytest.warns(UserWarning, match=r"only 2 group\(s\).*depth='auto'"):
-        assert list(layer_groups(bert)) == ["bert", "classifier"]
+        assert list(layer_groups(bert, depth=1)) == ["bert", "classifier"]
+    assert list(layer_groups(bert)) == list(groups)  # "auto" is the default
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=23, n_positions=16, n_embd=32, n_layer=4, n_head=2))  # fmt: skip
@@ -85,7 +86,7 @@ def test_auto_on_timm_vit_and_convnext():
     assert list(groups) == ["cls_token", "pos_embed", "patch_embed", *blocks, "norm", "head"]
     assert _ids(groups["blocks.2"]) == _ids(vit.blocks[2].parameters())
     with pytest.warns(UserWarning, match="holds 9[0-9]% of the parameters"):
-        layer_groups(vit)  # depth 1: the blocks are one group
+        layer_groups(vit, depth=1)  # the blocks are one group
     convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=5)
     groups = _auto(convnext)
     assert list(groups) == ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "head"]

@@ -55,22 +55,22 @@ def test_resnet18_depth2_is_residual_blocks():
 
 def test_transformer_depth_and_pattern():
     model = TinyTransformer()
-    assert list(layer_groups(model)) == ["embed", "encoder", "head"]
+    assert list(layer_groups(model, depth=1)) == ["embed", "encoder", "head"]
     # the ModuleList encoder.layers is a container, not a level: depth 2 names the blocks
     depth2 = layer_groups(model, depth=2)
     assert list(depth2) == ["embed", "encoder.layers.0", "encoder.layers.1", "encoder.norm", "head"]
     assert _ids(depth2["encoder.layers.1"]) == _ids(model.encoder.layers[1].parameters())
-    by_block = layer_groups(model, pattern=r"encoder\.layers\.\d+")
+    by_block = layer_groups(model, depth=1, pattern=r"encoder\.layers\.\d+")
     assert list(by_block) == ["embed", "encoder.layers.0", "encoder.layers.1", "encoder", "head"]
     assert _ids(by_block["encoder"]) == _ids(model.encoder.norm.parameters())
-    by_kind = layer_groups(model, pattern=r".*\.(self_attn|linear\d)\.")
+    by_kind = layer_groups(model, depth=1, pattern=r".*\.(self_attn|linear\d)\.")
     assert list(by_kind) == ["embed", "self_attn", "linear1", "linear2", "encoder", "head"]
     assert len(by_kind["self_attn"]) == 8  # in_proj w/b + out_proj w/b, two blocks
 
 
 def test_shared_parameters_are_counted_once():
     model = TinyTransformer(tied=True)
-    groups = layer_groups(model)
+    groups = layer_groups(model, depth=1)
     assert list(groups) == ["embed", "encoder"]  # head.weight is embed.weight
     flat = [id(p) for ps in groups.values() for p in ps]
     assert len(flat) == len(set(flat)) == len(list(model.parameters()))

@@ -136,7 +136,7 @@ def _warn_if_coarse(groups: dict, how: str) -> None:
         )
 
 
-def layer_groups(model: nn.Module, depth: int | str = 1, pattern: str | None = None) -> dict:
+def layer_groups(model: nn.Module, depth: int | str = "auto", pattern: str | None = None) -> dict:
     """Ordered ``{group name: [parameters]}``, in the order of ``model.named_parameters()``.
 
     Args:
