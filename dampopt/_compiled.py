@@ -11,8 +11,9 @@ in as one tensor and are unpacked by name inside the compiled graph: torch.compi
 Python floats, so passing ``h = sqrt(lr)`` as a float recompiled at every scheduler step
 (measured: 1-10 s per step); as data, changing lr never recompiles.
 
-Compile cost: paid on the first step of each (param group, device, dtype) bucket, and again
-only if that bucket's tensor shapes, dtypes or ``weight_decay != 0`` change (see
+Compile cost: paid on the first compiled step of each (param group, device, dtype) bucket
+(under ``backend="auto"`` only once :func:`worth_compiling` says so), and again only if that
+bucket's tensor shapes, dtypes or ``weight_decay != 0`` change (see
 ``benchmarks/README.md`` for the measured seconds). Compiled code is cached on disk by inductor
 (``/tmp/torchinductor_<user>``), so a second process pays less. torch.compile keeps at most
 ``torch._dynamo.config.recompile_limit`` variants per rule (8 by default); beyond that it runs
@@ -90,22 +91,15 @@ def _mark_changed(params, states) -> None:
 #: never compiles.
 COMPILE_SECONDS = 19.0
 SAVING_SECONDS_PER_ELEMENT = 4.0e-9
-_FOREACH_ELEMENTS: dict = {}  # rule name -> large-tensor elements run by foreach under "auto"
 
 
-def worth_compiling(rule, params) -> bool:
-    """Whether ``backend="auto"`` should compile ``rule`` for this bucket now; counts the
-    bucket's large-tensor elements against the break-even when it should not yet."""
+def worth_compiling(steps_taken: int, params) -> bool:
+    """Whether ``backend="auto"`` should run this bucket compiled, after its param group has
+    taken ``steps_taken`` steps: once the time the foreach steps lost would have paid for a
+    compile. A function of the group's own step count, so a resumed run switches at the same
+    step as an uninterrupted one (bit-identical resumes) whatever else the process ran."""
     large = sum(p.numel() for p in params if p.numel() >= SMALL_TENSOR)
-    if not large:
-        return False  # nothing would be compiled anyway: the foreach step, as today
-    if any(key[0] == rule.name for key in _COMPILED):
-        return True  # already paid in this process
-    seen = _FOREACH_ELEMENTS.get(rule.name, 0)
-    if seen * SAVING_SECONDS_PER_ELEMENT >= COMPILE_SECONDS:
-        return True
-    _FOREACH_ELEMENTS[rule.name] = seen + large
-    return False
+    return bool(large) and steps_taken * large * SAVING_SECONDS_PER_ELEMENT >= COMPILE_SECONDS
 
 
 #: tensors with fewer elements go through the rule's foreach version in one batch: a compiled

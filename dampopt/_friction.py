@@ -45,7 +45,8 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-_GROUP_DEFAULTS = {"nonfinite": None}  # older state dicts lack it
+# older state dicts lack these; "step" counts the group's steps (auto's compile decision)
+_GROUP_DEFAULTS = {"nonfinite": None, "step": 0}
 
 
 class FrictionOptimizer(torch.optim.Optimizer):
@@ -75,7 +76,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
             for name, value in hyperparameters.items()
         }
         defaults = dict(lr=lr, weight_decay=weight_decay, backend=backend,
-                        nonfinite=_nonfinite.check_mode(nonfinite), **checked)  # fmt: skip
+                        nonfinite=_nonfinite.check_mode(nonfinite), step=0, **checked)  # fmt: skip
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -159,7 +160,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
                 if backend == "compiled" and group["backend"] == "auto":
                     from . import _compiled
 
-                    if not _compiled.worth_compiling(self.rule, bucket):
+                    if not _compiled.worth_compiling(group["step"], bucket):
                         backend = "torch"  # until a compile would have paid for itself
                 if backend == "triton":
                     self._admit_to_triton(bucket)
@@ -191,6 +192,8 @@ class FrictionOptimizer(torch.optim.Optimizer):
                 )
                 if sums is not None:
                     self._record_sums(bucket, sums)
+        for group in self.param_groups:
+            group["step"] += 1
         return loss
 
     def _admit_to_triton(self, params) -> None:

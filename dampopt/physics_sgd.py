@@ -22,7 +22,9 @@ and deepcopy carry it):
   ``cycle_momentum=True``) are overridden; use ``cycle_momentum=False``.
 * ``"switch_momentum"``: the post-switch constant. The constructor's ``momentum=`` sets it
   (as torch.optim.SGD's ``momentum=``, so the drop-in call reads the same), and so does a
-  ``"momentum"`` key in a group passed to the constructor or ``add_param_group``.
+  ``"momentum"`` key in a group passed to the constructor or ``add_param_group`` - unless the
+  group also has ``"switch_momentum"`` (another PhysicsSGD's groups), where ``"momentum"`` is
+  the derived value and is recomputed.
 * ``"switch_step"``, ``"switch_metric"``: the triggers, optimizer-wide (the same in every
   group); ``"switched_at"`` and ``"step"``: the switch state and the step count.
 
@@ -191,20 +193,30 @@ class PhysicsSGD(torch.optim.Optimizer):
                 param_group.get("mu_max", self.defaults["mu_max"]),
             )
         for key in _HYBRID:
+            if key in param_group and not self.param_groups:
+                # the first group's own value is the optimizer's (PhysicsSGD(other.param_groups))
+                value = param_group[key]
+                if key == "switch_step":
+                    check_int("switch_step", value, 0, allow_none=True)
+                else:
+                    _check_switch_metric(value)
+                self.defaults[key] = value
             if key in param_group and param_group[key] != self.defaults[key]:
                 raise ValueError(
                     f"{key} is optimizer-wide (every group switches together): give it to "
                     f"PhysicsSGD(...), not to one param group"
                 )
         if "momentum" in param_group:
-            # A group's own "momentum" is its post-switch constant, as in the constructor.
-            if "switch_momentum" in param_group:
-                raise ValueError(
-                    "a param group sets both 'momentum' and 'switch_momentum': they name the "
-                    "same thing (the post-switch constant); give one"
-                )
             param_group = dict(param_group)
-            param_group["switch_momentum"] = param_group.pop("momentum")
+            if "switch_momentum" in param_group:
+                # a PhysicsSGD group (PhysicsSGD(other.param_groups)): its "momentum" is the
+                # one in effect, derived from the rest, not a setting
+                param_group.pop("momentum")
+            else:
+                # a group's own "momentum" is its post-switch constant, as in the constructor
+                param_group["switch_momentum"] = param_group.pop("momentum")
+        if param_group.get("fused") and param_group.get("foreach"):
+            raise RuntimeError("`foreach` and `fused` cannot both be True")
         if "switch_momentum" in param_group:
             value = check_non_negative("momentum", param_group["switch_momentum"])
             if value >= 1:
@@ -344,6 +356,8 @@ class PhysicsSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             check_learning_rate(group["lr"], allow_zero=True)
             check_gradients(p for p in group["params"] if p.grad is not None)
+            if group["fused"] and group["foreach"]:
+                raise RuntimeError("`foreach` and `fused` cannot both be True")
             if group["fused"]:
                 for p in group["params"]:
                     if p.grad is not None and not is_dtensor(p):
@@ -370,8 +384,6 @@ class PhysicsSGD(torch.optim.Optimizer):
                 if group["step"] >= switch_step:
                     group["switched_at"] = switch_step
             group["momentum"] = mu = self._momentum_for(group)
-            if group["fused"] and group["foreach"]:
-                raise RuntimeError("`foreach` and `fused` cannot both be True")
             self._update_group(group, mu, grad_scale, found_inf)
             group["step"] += 1
         return loss

@@ -19,6 +19,7 @@ from dampopt.testing import FRICTION_CASES
 
 # the project's one table of configurations (dampopt/testing.py): name -> (class, hyper)
 CASES = {name: (case.optimizer, case.hyperparameters) for name, case in FRICTION_CASES.items()}
+# (the lr of these tests is their own: 0.01 then a scheduler-like change, for every rule)
 SIZES = [(7,), (40, 25), (3, 4, 5, 6)]  # ranks 1, 2 and 4 share one graph (flattened)
 
 
@@ -154,8 +155,6 @@ def test_auto_runs_foreach_until_a_compile_would_have_paid_for_itself(monkeypatc
 
     monkeypatch.setattr(_compiled, "SMALL_TENSOR", 1000)
     monkeypatch.setattr(_friction, "_cpp_compiler_available", lambda: True)
-    monkeypatch.setattr(_compiled, "_COMPILED", {})  # a fresh process: nothing compiled yet
-    monkeypatch.setattr(_compiled, "_FOREACH_ELEMENTS", {})
     # break-even after 2 steps of this model's one large tensor (1000 elements)
     monkeypatch.setattr(_compiled, "COMPILE_SECONDS", 2000 * _compiled.SAVING_SECONDS_PER_ELEMENT)
     calls = []
@@ -166,20 +165,28 @@ def test_auto_runs_foreach_until_a_compile_would_have_paid_for_itself(monkeypatc
     generator = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=generator) for s in [(7,), (40, 25)]]
     grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
-    runs = {}
-    for backend in ("auto", "loop"):
+
+    def run(backend, steps, resume_at=None):
         params = [torch.nn.Parameter(p.clone()) for p in start]
         optimizer = CubicDampedSGD(params, lr=0.01, backend=backend, **hyper)
-        for step, step_grads in enumerate(grads):
-            for p, g in zip(params, step_grads):
+        for step in steps:
+            if step == resume_at:  # a new optimizer from the state dict, as after a restart
+                state = optimizer.state_dict()
+                optimizer = CubicDampedSGD(params, lr=0.01, backend=backend, **hyper)
+                optimizer.load_state_dict(state)
+            for p, g in zip(params, grads[step]):
                 p.grad = g.clone()
             optimizer.step()
-            if backend == "auto":
+            if backend == "auto" and resume_at is None:
                 assert len(calls) == max(0, step - 1), step  # steps 0, 1 foreach; then compiled
-        runs[backend] = params
-    for p, ref in zip(runs["auto"], runs["loop"]):
+        return params
+
+    auto, loop = run("auto", range(5)), run("loop", range(5))
+    for p, ref in zip(auto, loop):
         torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-6)
-    # a model without large tensors never counts towards a compile
+    # the switch is a function of the group's step count: a resume across it is bit-identical
+    for p, ref in zip(run("auto", range(5), resume_at=2), auto):
+        assert torch.equal(p, ref)
+    # a model without large tensors never compiles
     small = [torch.nn.Parameter(torch.randn(10))]
-    small[0].grad = torch.randn(10)
-    assert not _compiled.worth_compiling(CubicDampedSGD.rule, small)
+    assert not _compiled.worth_compiling(10**9, small)

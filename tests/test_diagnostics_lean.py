@@ -98,3 +98,30 @@ def test_fp32_group_norms_match_float64_and_references_are_summed_only_on_reques
                                    params)  # fmt: skip
     for a, b in zip(full.correct_sums, expected):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_of_an_optimizer_in_backward_do_not_run_and_weights_stay():
+    # the optimizer-in-backward pattern: a post-accumulate-grad hook steps each parameter
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU(),
+                             nn.Linear(3, 3))  # fmt: skip
+
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    model, steps = make(), []
+    optimizers = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+
+    def hook(param):
+        steps.append(1)
+        optimizers[param].step()
+        optimizers[param].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    before = [p.detach().clone() for p in model.parameters()]
+    hooked = localize(model, DataLoader(TensorDataset(x, y), batch_size=16), seed=0)
+    assert not steps and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    reference = localize(make(), DataLoader(TensorDataset(x, y), batch_size=16), seed=0)
+    assert hooked.num_errors == reference.num_errors > 0
+    for name in reference.grad_norms:
+        assert hooked.grad_norms[name] == pytest.approx(reference.grad_norms[name], rel=1e-5)

@@ -355,8 +355,8 @@ def test_switch_settings_are_optimizer_wide_and_momentum_names_are_unambiguous()
     optimizer = PhysicsSGD([weight], lr=0.01, switch_step=4)
     with pytest.raises(ValueError, match="switch_step is optimizer-wide"):
         optimizer.add_param_group({"params": rest, "switch_step": 9})
-    with pytest.raises(ValueError, match="both 'momentum' and 'switch_momentum'"):
-        optimizer.add_param_group({"params": rest, "momentum": 0.8, "switch_momentum": 0.7})
+    with pytest.raises(RuntimeError, match="`foreach` and `fused` cannot both be True"):
+        optimizer.add_param_group({"params": rest, "fused": True, "foreach": True})
     with pytest.raises(ValueError, match="momentum must be in"):
         optimizer.add_param_group({"params": rest, "switch_momentum": 1.5})
     assert len(optimizer.param_groups) == 1  # nothing half-added
@@ -371,3 +371,18 @@ def test_switch_settings_are_optimizer_wide_and_momentum_names_are_unambiguous()
 def test_default_lr_is_torch_sgds():
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert PhysicsSGD(params).defaults["lr"] == torch.optim.SGD(params).defaults["lr"] == 1e-3
+
+
+def test_an_optimizer_rebuilt_from_another_ones_groups_keeps_its_settings():
+    model = _model()
+    first = PhysicsSGD(model.parameters(), lr=0.01, momentum=0.8, switch_step=3)
+    _train(model, first, 1)
+    again = PhysicsSGD(first.param_groups, lr=0.5)  # the groups' own values win, as in torch
+    group = again.param_groups[0]
+    assert group["switch_momentum"] == 0.8 and group["lr"] == 0.01
+    assert group["momentum"] == physics_momentum(0.01)  # in effect: derived, not copied
+    assert again.switch_step == 3  # optimizer-wide, from the groups
+    # a group given both a "momentum" and a "switch_momentum": the latter is the setting
+    other = PhysicsSGD([{"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": 0.3,
+                         "switch_momentum": 0.7}], lr=0.01)  # fmt: skip
+    assert other.param_groups[0]["switch_momentum"] == 0.7

@@ -105,16 +105,6 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return labels.long()  # cross_entropy wants int64 class indices
 
 
-def classify_batch(model: nn.Module, batch, device):
-    """``(inputs on device, int64 labels, predicted classes)`` for one batch, without grad."""
-    inputs, labels = unpack(batch)
-    inputs = to_device(inputs, device)
-    with torch.no_grad():
-        logits = logits_of(model, inputs)
-    labels = check_labels(torch.as_tensor(labels).to(device), logits.shape[1])
-    return inputs, labels, logits.argmax(dim=1)
-
-
 @dataclass(frozen=True)
 class LoaderOrder:
     """Where each position of this process's pass over a loader comes from.
@@ -202,7 +192,8 @@ def evaluation(model: nn.Module, params):
     """Eval mode, ``requires_grad`` on ``params`` and off on every other parameter of ``model``
     for the duration; modes and flags restored after, also on error.
 
-    Gradients are taken with ``torch.autograd.grad``, so ``.grad`` fields stay untouched too.
+    ``.grad`` fields stay as they were too: the passes either take gradients with
+    ``torch.autograd.grad`` or set ``.grad`` aside and put it back (``_task.streamed_gradients``).
     With the other parameters frozen, the forward pass keeps no activations for their weight
     gradients, and none at all below the first requested parameter.
     """
@@ -229,11 +220,3 @@ def gradients(loss: torch.Tensor, params, retain_graph: bool = False) -> list:
         torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
         for p, g in zip(params, grads)
     ]
-
-
-def sum_gradients(model: nn.Module, inputs, labels: torch.Tensor, rows: torch.Tensor, params):
-    """fp32 gradients w.r.t. ``params`` of the summed cross-entropy over rows ``rows``."""
-    import torch.nn.functional as F
-
-    logits = logits_of(model, select(inputs, rows)).float()
-    return gradients(F.cross_entropy(logits, labels[rows], reduction="sum"), params)

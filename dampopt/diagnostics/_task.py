@@ -218,19 +218,32 @@ def streamed_gradients(model, task: Task, inputs, labels, chosen, params, sums=N
     Each gradient is used and freed as soon as autograd has it (a post-accumulate-grad hook),
     so the pass holds one parameter's gradient at a time rather than a model-sized list.
     ``.grad`` fields are set aside for the pass and put back after, also on error;
-    ``params`` must be distinct leaves.
+    ``params`` must be distinct leaves. Where a parameter already has post-accumulate-grad
+    hooks of its own (an optimizer stepping inside backward, say), which a backward pass would
+    run, the gradients are taken with ``torch.autograd.grad`` instead (no hook runs; a
+    model-sized list of gradients at once).
     """
     loss = summed_loss(model, task, inputs, labels, chosen)
     squares = torch.zeros(len(params), dtype=torch.float64, device=loss.device)
     index = {id(p): i for i, p in enumerate(params)}
 
-    def use(param):
-        i = index[id(param)]
-        grad = param.grad
+    def record(i, grad):
         squares[i] = torch.linalg.vector_norm(grad.float()).double().to(squares.device) ** 2
         if sums is not None:
             sums[i].add_(grad)
+
+    def use(param):
+        if param.grad is not None:
+            record(index[id(param)], param.grad)
         param.grad = None
+
+    if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in params):
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            for i, grad in enumerate(grads):
+                if grad is not None:
+                    record(i, grad)
+        return squares
 
     saved = [p.grad for p in params]
     handles = []

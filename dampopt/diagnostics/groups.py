@@ -127,10 +127,11 @@ def _warn_if_coarse(groups: dict, how: str) -> None:
     if len(groups) < 3 or share > 0.9:
         what = (f"only {len(groups)} group(s)" if len(groups) < 3
                 else f"group {largest!r} holds {share:.0%} of the parameters")  # fmt: skip
+        fix = ("a larger depth, pattern= or groups=" if "auto" in how else
+               "depth='auto' (one group per block of the repeated block container), a larger "
+               "depth, pattern= or groups=")  # fmt: skip
         warnings.warn(
-            f"layer_groups({how}) gives {what}: too coarse to localize anything; pass "
-            "depth='auto' (one group per block of the repeated block container), a larger "
-            "depth, pattern= or groups=",
+            f"layer_groups({how}) gives {what}: too coarse to localize anything; pass {fix}",
             UserWarning,
             stacklevel=3,
         )
@@ -234,7 +235,7 @@ def resolve_groups(model: nn.Module, groups=None, argument: str = "groups") -> d
     names = list(groups)
     if not names:
         raise ValueError(f"{argument} is empty: name at least one group")
-    with warnings.catch_warnings():  # the depth-1 groups only serve to look names up here
+    with warnings.catch_warnings():  # the default groups only serve to look names up here
         warnings.simplefilter("ignore", UserWarning)
         known = layer_groups(model)
     resolved = {}
@@ -244,7 +245,7 @@ def resolve_groups(model: nn.Module, groups=None, argument: str = "groups") -> d
         params = known.get(key) or _params_under(named, key)
         if not params:
             raise ValueError(
-                f"unknown group {key!r} in {argument}; depth-1 groups of this model are "
+                f"unknown group {key!r} in {argument}; the groups of this model are "
                 f"{list(known)} (module paths such as 'layer1.0' also work)"
             )
         resolved[key] = params
