@@ -61,6 +61,9 @@ def test_flags_and_modes_come_back_when_the_pass_fails():
     model.train()
     model[0].weight.requires_grad_(False)
     before = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # a user's accumulated gradients, which must survive
+        p.grad = torch.full_like(p, 0.5)
+    grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
     calls = []
 
     def fail_on_the_second_batch(module, args):
@@ -72,7 +75,8 @@ def test_flags_and_modes_come_back_when_the_pass_fails():
     with pytest.raises(RuntimeError, match="boom"):
         localize(model, loader, groups=["2"])
     assert [p.requires_grad for p in model.parameters()] == before
-    assert all(p.grad is None for p in model.parameters())
+    for p, (grad, value) in zip(model.parameters(), grads):
+        assert p.grad is grad and torch.equal(grad, value)
     assert all(m.training for m in model.modules())
 
 
