@@ -76,7 +76,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
             for name, value in hyperparameters.items()
         }
         defaults = dict(lr=lr, weight_decay=weight_decay, backend=backend,
-                        nonfinite=_nonfinite.check_mode(nonfinite), step=0, **checked)  # fmt: skip
+                        nonfinite=_nonfinite.check_mode(nonfinite), **checked)  # fmt: skip
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -99,6 +99,9 @@ class FrictionOptimizer(torch.optim.Optimizer):
             if name in param_group:
                 check(name, param_group[name])
         super().add_param_group(param_group)
+        # the group's step count (auto's compile decision), not a setting: kept out of
+        # defaults so that cls(params, **optimizer.defaults) still builds an optimizer
+        self.param_groups[-1].setdefault("step", 0)
 
     def load_state_dict(self, state_dict) -> None:
         # everything is checked, after the user's pre-hooks, before anything is stored

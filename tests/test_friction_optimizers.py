@@ -422,3 +422,15 @@ def test_triton_layout_problem_raises_before_any_bucket_changes(name):
     with pytest.raises(ValueError, match="strides"):
         optimizer.step()
     assert torch.equal(good.detach(), torch.ones(8)) and not optimizer.state
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_optimizer_rebuilt_from_defaults_and_groups_counts_its_steps(name):
+    cls, hyper = CONFIGS[name]
+    model = _model()
+    optimizer = cls(model.parameters(), **hyper)
+    again = cls(model.parameters(), **optimizer.defaults)  # the common rebuild idiom
+    assert again.defaults == optimizer.defaults
+    _train(model, optimizer, 3)
+    assert [g["step"] for g in optimizer.param_groups] == [3]
+    assert optimizer.state_dict()["param_groups"][0]["step"] == 3
