@@ -159,12 +159,8 @@ class FrictionOptimizer(torch.optim.Optimizer):
                 buckets[(param.device, param.dtype)].append(param)
             plan = []
             for (device, dtype), bucket in buckets.items():
-                backend = resolve_backend(group["backend"], device, dtype)
-                if backend == "compiled" and group["backend"] == "auto":
-                    from . import _compiled
-
-                    if not _compiled.worth_compiling(group["step"], bucket):
-                        backend = "torch"  # until a compile would have paid for itself
+                backend = resolve_backend(group["backend"], device, dtype,
+                                          bucket=bucket, steps_taken=group["step"])  # fmt: skip
                 if backend == "triton":
                     self._admit_to_triton(bucket)
                 plan.append((backend, bucket))
@@ -250,13 +246,23 @@ def _cpp_compiler_available() -> bool:
     return any(shutil.which(name) for name in candidates if name)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend for tensors on ``device``; raises for impossible requests."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    bucket=None, steps_taken: int | None = None) -> str:  # fmt: skip
+    """The concrete backend for tensors on ``device``; raises for impossible requests.
+
+    Given the ``bucket`` (its tensors) and its group's ``steps_taken``, "auto" on CPU picks
+    "compiled" only once a compile would have paid for itself
+    (:func:`dampopt._compiled.worth_compiling`), "torch" before.
+    """
     if backend == "auto":
         if device.type == "cuda" and dtype != torch.float64 and _triton_available():
             return "triton"
         if device.type == "cpu" and cpu_backend == "compiled" and _cpp_compiler_available():
-            return "compiled"
+            if bucket is None or steps_taken is None:
+                return "compiled"
+            from ._compiled import worth_compiling
+
+            return "compiled" if worth_compiling(steps_taken, bucket) else "torch"
         return "torch"
     if backend == "triton":
         if not _triton_available():
