@@ -134,12 +134,14 @@ def _check_same_layout(tensors) -> None:
 def launch(kernel, params, grads, states, scalars: dict, flags: dict, sums=None):
     """Launch ``kernel`` once over every tensor of the lists.
 
-    ``scalars`` are runtime fp32 arguments (changing them never recompiles); ``flags`` are
+    ``scalars`` are runtime fp32 arguments (changing them never recompiles; those the kernel
+    does not take are left out, as each backend takes the rule's scalars by name); ``flags`` are
     ``tl.constexpr`` switches (each value compiles once). ``sums`` is an optional fp32 buffer
     of one element per tensor that the kernel accumulates into. The caller has checked the
     lists (``dampopt.kernels.check_arrays``).
     """
     arrays = [params, grads, *states]
+    scalars = {name: value for name, value in scalars.items() if name in kernel.arg_names}
     device = params[0].device
     blocks = block_table(tuple(p.numel() for p in params), device)
     if blocks.shape[0] == 0:

@@ -1,7 +1,7 @@
 """iKFAD in one pass: read q, g, p, xi once, write q, p, xi once, and sum the new xi.
 
 Mirrors :func:`dampopt.ikfad.ikfad_step` line by line (sub-steps B, A, C, D in that order,
-fp32 math, the same host-side scalars).
+fp32 math, the same host-side scalars; ``exp2`` with log2(e) folded into the scalar).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ._multi_tensor import array_pointer, coupled_gradient, load_fp32, locate_bl
 
 
 @triton.jit
-def _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay, neg_half_h,
+def _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay, neg_half_h_log2e,
                  friction_decay, friction_gain, momentum_decay,
                  HAS_WEIGHT_DECAY: tl.constexpr, FULL: tl.constexpr):
     q = load_fp32(q_ptr, offsets, mask, FULL)
@@ -23,9 +23,9 @@ def _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay, ne
     g = coupled_gradient(g, q, weight_decay, HAS_WEIGHT_DECAY)
     p = p - h * g  # B: p = p - h g
     q = q + h * p  # A: q = q + h p
-    p = p * tl.exp(xi * neg_half_h)  # C: half kick of friction
+    p = p * tl.exp2(xi * neg_half_h_log2e)  # C: half kick of friction
     xi = xi * friction_decay + friction_gain * (p * p)
-    p = p * tl.exp(xi * neg_half_h)  #    second half kick with the new xi
+    p = p * tl.exp2(xi * neg_half_h_log2e)  #    second half kick with the new xi
     p = p * momentum_decay  # D: linear friction
     store(q_ptr, offsets, q, mask, FULL)
     store(p_ptr, offsets, p, mask, FULL)
@@ -35,7 +35,7 @@ def _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay, ne
 
 @triton.jit
 def ikfad_kernel(pointers, blocks, sums, param, grad, momentum, friction, h, weight_decay,
-                 neg_half_h, friction_decay, friction_gain, momentum_decay,
+                 neg_half_h_log2e, friction_decay, friction_gain, momentum_decay,
                  HAS_WEIGHT_DECAY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     tensor, offsets, mask, full = locate_block(blocks, BLOCK)
     q_ptr = array_pointer(pointers, tensor, 0, 4, param, ALIGNED)
@@ -44,10 +44,10 @@ def ikfad_kernel(pointers, blocks, sums, param, grad, momentum, friction, h, wei
     xi_ptr = array_pointer(pointers, tensor, 3, 4, friction, ALIGNED)
     if full:
         total = _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay,
-                             neg_half_h, friction_decay, friction_gain, momentum_decay,
+                             neg_half_h_log2e, friction_decay, friction_gain, momentum_decay,
                              HAS_WEIGHT_DECAY, True)
     else:
         total = _ikfad_block(q_ptr, g_ptr, p_ptr, xi_ptr, offsets, mask, h, weight_decay,
-                             neg_half_h, friction_decay, friction_gain, momentum_decay,
+                             neg_half_h_log2e, friction_decay, friction_gain, momentum_decay,
                              HAS_WEIGHT_DECAY, False)
     tl.atomic_add(sums + tensor, total)
