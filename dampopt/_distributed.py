@@ -6,8 +6,6 @@ a loader sharded with DistributedSampler gives the same result as one process on
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 
@@ -42,13 +40,20 @@ def all_gather_objects(obj) -> list:
 # -- sharded (FSDP2 / DTensor) parameters ----------------------------------------------------
 
 
-@functools.cache
-def _dtensor_type():
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+_DTENSOR: list = []  # the DTensor class (or None without torch.distributed), once looked up
 
-    return DTensor
+
+def _dtensor_type():
+    # a plain module-level cache, not functools.cache: torch.compile traces optimizer steps
+    # through this, and warns about (and ignores) lru_cache wrappers
+    if not _DTENSOR:
+        if dist.is_available():
+            from torch.distributed.tensor import DTensor
+
+            _DTENSOR.append(DTensor)
+        else:
+            _DTENSOR.append(None)
+    return _DTENSOR[0]
 
 
 def is_dtensor(tensor) -> bool:

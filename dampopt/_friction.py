@@ -35,7 +35,13 @@ from ._state import (
     pre_hooks_applied,
     state_dtype,
 )
-from ._validation import check_gradients, check_learning_rate, check_non_negative
+from ._validation import (
+    check_gradients,
+    check_learning_rate,
+    check_non_negative,
+    learning_rate,
+    step_learning_rate,
+)
 
 BACKENDS = ("auto", "torch", "loop", "triton", "compiled")
 
@@ -68,7 +74,7 @@ class FrictionOptimizer(torch.optim.Optimizer):
             cls.hyperparameter_checks = dict(cls.rule.checks)
 
     def __init__(self, params, lr, weight_decay, backend, nonfinite=None, **hyperparameters):
-        lr = check_learning_rate(lr)
+        lr = learning_rate(lr)  # a 1-element tensor stays one (torch.compile, see step())
         weight_decay = check_non_negative("weight_decay", weight_decay)
         backend = check_backend(backend)
         checked = {
@@ -149,9 +155,13 @@ class FrictionOptimizer(torch.optim.Optimizer):
         # Validate every group, and resolve each bucket's backend, before changing any: no
         # half-updated optimizer.
         check_state_shapes(self, self.state_names)
-        plans = []
+        # Under torch.compile the step is traced: every backend is the rule's single-tensor
+        # step ("loop"), which the caller's compile fuses; a tensor lr stays a tensor, so the
+        # scalars are data in the graph and an LR scheduler never recompiles.
+        traced = torch.compiler.is_compiling()
+        plans, lrs = [], []
         for group in self.param_groups:
-            check_learning_rate(group["lr"], allow_zero=True)
+            lrs.append(step_learning_rate(group["lr"]))
             params = [p for p in group["params"] if p.grad is not None]
             check_gradients(params)
             buckets = defaultdict(list)
@@ -159,8 +169,8 @@ class FrictionOptimizer(torch.optim.Optimizer):
                 buckets[(param.device, param.dtype)].append(param)
             plan = []
             for (device, dtype), bucket in buckets.items():
-                backend = resolve_backend(group["backend"], device, dtype,
-                                          bucket=bucket, steps_taken=group["step"])  # fmt: skip
+                backend = "loop" if traced else resolve_backend(
+                    group["backend"], device, dtype, bucket=bucket, steps_taken=group["step"])
                 if backend == "triton":
                     self._admit_to_triton(bucket)
                 plan.append((backend, bucket))
@@ -169,11 +179,11 @@ class FrictionOptimizer(torch.optim.Optimizer):
         if _nonfinite.handle(self):  # nonfinite="skip" and a NaN/inf gradient
             return loss
 
-        for group, plan in zip(self.param_groups, plans):
+        for group, plan, lr in zip(self.param_groups, plans, lrs):
             if not plan:
                 continue
             hyperparameters = self.hyperparameters(group)
-            scalars = self.rule.scalars(group["lr"], weight_decay=group["weight_decay"],
+            scalars = self.rule.scalars(lr, weight_decay=group["weight_decay"],
                                         **hyperparameters)  # fmt: skip
             has_weight_decay = bool(group["weight_decay"])
             for backend, bucket in plan:

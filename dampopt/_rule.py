@@ -48,9 +48,24 @@ class Rule:
         return [t.sum() for t in states[self.state_names.index(self.summed_state)]]
 
 
-def relaxation_weight(alpha: float, h: float) -> float:
+# The scalars' math: Python floats, or 0-d tensors when the lr is a tensor under torch.compile
+# (then every per-step constant is data in the graph, and a new lr never recompiles).
+
+
+def sqrt(x):
+    return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def exp(x):
+    return torch.exp(x) if isinstance(x, torch.Tensor) else math.exp(x)
+
+
+def relaxation_weight(alpha: float, h):
     """``(1 - exp(-alpha*h)) / alpha``, with its limit ``h`` at alpha = 0."""
-    return h if alpha == 0 else -math.expm1(-alpha * h) / alpha
+    if alpha == 0:
+        return h
+    expm1 = torch.expm1 if isinstance(h, torch.Tensor) else math.expm1
+    return -expm1(-alpha * h) / alpha
 
 
 # -- pieces the single-tensor steps share (eager and compiled) -------------------------------

@@ -36,6 +36,29 @@ def check_learning_rate(value, name: str = "lr", allow_zero: bool = False) -> fl
     return value
 
 
+def learning_rate(value, name: str = "lr") -> float | torch.Tensor:
+    """:func:`check_learning_rate` for a constructor or a new param group: a number becomes a
+    float; a 1-element tensor is checked and kept as the tensor (torch's convention for steps
+    under ``torch.compile``, where an LR scheduler then changes data, not a guard)."""
+    checked = check_learning_rate(value, name)
+    return value if isinstance(value, torch.Tensor) else checked
+
+
+def traced_tensor(value) -> bool:
+    """Whether ``value`` is a tensor seen by a ``torch.compile`` trace: there it must stay a
+    tensor (``float()`` of it would break the graph, and a float would be a guard)."""
+    return isinstance(value, torch.Tensor) and torch.compiler.is_compiling()
+
+
+def step_learning_rate(value):
+    """A group's lr at step time, checked (finite, >= 0): a float, or under ``torch.compile``
+    a tensor lr as the tensor, unchecked (its value cannot be read without leaving the graph;
+    torch.optim checks none at step time)."""
+    if traced_tensor(value):
+        return value
+    return check_learning_rate(value, allow_zero=True)
+
+
 def check_non_negative(name: str, value) -> float:
     """A finite number >= 0 (friction, curvature, decay rates, eps...)."""
     value = _as_float(name, value)

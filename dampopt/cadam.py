@@ -15,8 +15,6 @@ a momentum ``p`` and a second-moment estimate ``zeta``, both starting at 0; a st
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._friction import FrictionOptimizer
@@ -24,7 +22,9 @@ from ._rule import (
     Rule,
     cubic_damping,
     cubic_damping_foreach_,
+    exp,
     relaxation_weight,
+    sqrt,
     working,
     working_lists,
     write_backs,
@@ -34,15 +34,15 @@ from ._validation import check_non_negative
 
 def cadam_scalars(lr, gamma, c, alpha, eps, weight_decay=0.0) -> dict:
     """The per-step constants of a step at learning rate ``lr = h**2``."""
-    h = math.sqrt(lr)
+    h = sqrt(lr)
     return dict(
         h=h,
         weight_decay=weight_decay,
-        moment_decay=math.exp(-alpha * h),  # e^{-alpha h}
+        moment_decay=exp(-alpha * h),  # e^{-alpha h}
         moment_gain=relaxation_weight(alpha, h),  # (1 - e^{-alpha h}) / alpha
         eps=eps,
         two_c_h=2 * c * h,
-        momentum_decay=math.exp(-gamma * h),  # e^{-gamma h}
+        momentum_decay=exp(-gamma * h),  # e^{-gamma h}
     )
 
 

@@ -16,20 +16,27 @@ step go uphill; this project starts at 0), and a step applies
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._friction import FrictionOptimizer
-from ._rule import Rule, cubic_damping, cubic_damping_foreach_, working, working_lists, write_backs
+from ._rule import (
+    Rule,
+    cubic_damping,
+    cubic_damping_foreach_,
+    exp,
+    sqrt,
+    working,
+    working_lists,
+    write_backs,
+)
 from ._validation import check_non_negative
 
 
 def cubic_damped_scalars(lr, gamma, c, weight_decay=0.0) -> dict:
     """The per-step constants of a step at learning rate ``lr = h**2``."""
-    h = math.sqrt(lr)
+    h = sqrt(lr)
     return dict(h=h, weight_decay=weight_decay, two_c_h=2 * c * h,
-                momentum_decay=math.exp(-gamma * h))  # fmt: skip
+                momentum_decay=exp(-gamma * h))  # fmt: skip
 
 
 def cubic_damped_step(param, grad, momentum, s, has_weight_decay: bool) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ._validation import check_learning_rate, check_momentum_bounds, check_non_negative
 
 UNDERDAMPED = "underdamped"
@@ -38,6 +40,14 @@ def physics_momentum(
     """``clamp(critical_momentum(lr, curvature), mu_min, mu_max)``; the paper uses [0.5, 0.99]."""
     mu_min, mu_max = check_momentum_bounds(mu_min, mu_max)
     return min(max(critical_momentum(lr, curvature), mu_min), mu_max)
+
+
+def physics_momentum_traced(lr: torch.Tensor, mu_min: float, mu_max: float,
+                            curvature: float) -> torch.Tensor:  # fmt: skip
+    """:func:`physics_momentum` of a tensor ``lr`` as a 0-d tensor, for steps traced by
+    ``torch.compile``: a float momentum would be a guard there, a recompile per lr value. The
+    bounds are checked by the caller; the tensor's value cannot be checked inside a graph."""
+    return torch.clamp(1.0 - 2.0 * torch.sqrt(curvature * lr), mu_min, mu_max)
 
 
 def classify_regime(mu: float, lr: float, tol: float = 0.05, curvature: float = 1.0) -> str:

@@ -28,6 +28,13 @@ and deepcopy carry it):
 * ``"switch_step"``, ``"switch_metric"``: the triggers, optimizer-wide (the same in every
   group); ``"switched_at"`` and ``"step"``: the switch state and the step count.
 
+torch.compile: as for torch.optim.SGD, give a tensor lr (``lr=torch.tensor(0.01)``) when
+``step()`` is compiled, so that an LR scheduler's changes are data and never recompile. Under
+the trace the momentum is then a 0-d tensor too (and so is ``group["momentum"]``), and the
+update is the traced twin of torch's, :func:`_traced_sgd`, fused by inductor (torch's ``sgd``
+takes the momentum as a number only). Outside ``torch.compile`` a tensor lr is read as a float
+and the update stays torch's own.
+
 fp16/bf16 parameters keep their dtype; their momentum buffers and the update math are fp32
 (torch.optim.SGD would keep them in the parameter's dtype).
 """
@@ -61,8 +68,16 @@ from ._validation import (
     check_learning_rate,
     check_momentum_bounds,
     check_non_negative,
+    learning_rate,
+    step_learning_rate,
+    traced_tensor,
 )
-from .momentum import classify_regime, critical_momentum, physics_momentum
+from .momentum import (
+    classify_regime,
+    critical_momentum,
+    physics_momentum,
+    physics_momentum_traced,
+)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # param-group keys a PhysicsSGD state dict must have, and those older ones may lack
@@ -128,7 +143,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         fused: bool | None = None,
         nonfinite: str | None = None,
     ):
-        lr = check_learning_rate(lr)
+        lr = learning_rate(lr)  # a 1-element tensor stays one (see "torch.compile" above)
         momentum = check_non_negative("momentum", momentum)
         if momentum >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -323,6 +338,9 @@ class PhysicsSGD(torch.optim.Optimizer):
     def _momentum_for(self, group: dict) -> float:
         if group["switched_at"] is not None:
             return group["switch_momentum"]
+        if traced_tensor(group["lr"]) and group["mu_max"] > 0:
+            return physics_momentum_traced(group["lr"], group["mu_min"], group["mu_max"],
+                                           group["curvature"])  # fmt: skip
         return physics_momentum(group["lr"], group["mu_min"], group["mu_max"], group["curvature"])
 
     def damping(self) -> list[DampingState]:
@@ -354,7 +372,7 @@ class PhysicsSGD(torch.optim.Optimizer):
         # Validate everything before anything changes: no half-updated optimizer.
         check_state_shapes(self, ("momentum_buffer",))
         for group in self.param_groups:
-            check_learning_rate(group["lr"], allow_zero=True)
+            step_learning_rate(group["lr"])
             check_gradients(p for p in group["params"] if p.grad is not None)
             if group["fused"] and group["foreach"]:
                 raise RuntimeError("`foreach` and `fused` cannot both be True")
@@ -416,19 +434,49 @@ class PhysicsSGD(torch.optim.Optimizer):
                 native_grads.append(param.grad)
                 native_bufs.append(state.get("momentum_buffer"))
 
+        # a tensor momentum (a tensor lr under torch.compile) goes to the traced twin of
+        # torch's update, which takes it as data; torch's sgd takes momentum as a number
+        update = _traced_sgd if isinstance(mu, torch.Tensor) else _torch_sgd
         if native:
-            _torch_sgd(native, native_grads, native_bufs, **kwargs)
+            native_bufs = update(native, native_grads, native_bufs, **kwargs) or native_bufs
             self._store_buffers(native, native_bufs, mu)
         if upcast:
             # fp32 working copies: the update is computed in fp32 and rounded once on write-back.
             masters = [p.float() for p in upcast]
-            _torch_sgd(masters, upcast_grads, upcast_bufs, **kwargs)
+            upcast_bufs = update(masters, upcast_grads, upcast_bufs, **kwargs) or upcast_bufs
             for param, master in zip(upcast, masters):
                 param.copy_(master)
             self._store_buffers(upcast, upcast_bufs, mu)
 
     def _store_buffers(self, params, buffers, mu) -> None:
-        if mu == 0:
+        if not isinstance(mu, torch.Tensor) and mu == 0:
             return  # torch's sgd keeps no buffer without momentum
         for param, buf in zip(params, buffers):
             self.state[param]["momentum_buffer"] = buf
+
+
+def _traced_sgd(params, grads, buffers, *, lr, momentum, dampening, weight_decay, nesterov,
+                maximize, foreach=None, fused=None, grad_scale=None, found_inf=None):  # fmt: skip
+    """torch.optim.SGD's update, tensor by tensor, with ``lr`` and ``momentum`` as 0-d tensors:
+    the step PhysicsSGD takes under ``torch.compile`` with a tensor lr, which inductor fuses.
+    (torch's ``sgd`` takes the momentum as a number: as a tensor it would break the graph, as a
+    float it would recompile at every new lr.) ``foreach``/``fused`` are the compiler's
+    business here; a momentum buffer is kept even where the clamp lets mu reach 0. Returns the
+    momentum buffers, new ones (the gradient, as torch starts them) where there were none."""
+    if grad_scale is not None or found_inf is not None:
+        raise RuntimeError("PhysicsSGD with a tensor lr under torch.compile does not take "
+                           "GradScaler's fused scaling; use fused=False")  # fmt: skip
+    out = []
+    for param, grad, buf in zip(params, grads, buffers):
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            grad = grad + weight_decay * param
+        if buf is None:
+            buf = grad.detach().clone()
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad + momentum * buf if nesterov else buf
+        param.sub_(lr * grad)
+        out.append(buf)
+    return out
