@@ -82,24 +82,27 @@ def _mark_changed(params, states) -> None:
 
 # -- when "auto" compiles -----------------------------------------------------------------------
 
-#: Seconds the first compile in a process costs here (empty inductor cache; later rules and a
-#: warm cache cost 2-5 s), and the least time a compiled step saved over the foreach step per
-#: element of the large tensors (CD; CADAM and iKFAD save more), measured on ResNet-18 shapes
-#: (benchmarks/README.md, "When auto compiles"). "auto" runs the foreach step until the time it
-#: lost that way would have paid for a compile, then compiles (the ski-rental rule: never more
-#: than about twice the better choice in hindsight). ResNet-18: after ~400 steps; a short run
+#: Seconds the first compile in a process costs here (an empty inductor cache: 11.7 s measured
+#: on a quiet machine, most of it torch.compile's start-up; later rules about 1 s, a warm cache
+#: 2-4 s), and per rule the least time a compiled step saved over the foreach step per element
+#: of the large tensors, at 1 and 2 threads, on ResNet-18 shapes (benchmarks/README.md, "When
+#: auto compiles"). "auto" runs the foreach step until the time it lost that way would have paid
+#: for a compile, then compiles (the ski-rental rule: never more than about twice the better
+#: choice in hindsight). ResNet-18: iKFAD after ~380 steps, CADAM ~470, CD ~940; a short run
 #: never compiles.
-COMPILE_SECONDS = 19.0
-SAVING_SECONDS_PER_ELEMENT = 4.0e-9
+COMPILE_SECONDS = 12.0
+SAVING_SECONDS_PER_ELEMENT = {"ikfad": 2.7e-9, "cadam": 2.2e-9, "cubic_damped": 1.1e-9}
 
 
-def worth_compiling(steps_taken: int, params) -> bool:
-    """Whether ``backend="auto"`` should run this bucket compiled, after its param group has
-    taken ``steps_taken`` steps: once the time the foreach steps lost would have paid for a
-    compile. A function of the group's own step count, so a resumed run switches at the same
-    step as an uninterrupted one (bit-identical resumes) whatever else the process ran."""
+def worth_compiling(steps_taken: int, params, rule: str | None = None) -> bool:
+    """Whether ``backend="auto"`` should run this bucket of ``rule`` (its name) compiled, after
+    its param group has taken ``steps_taken`` steps: once the time the foreach steps lost would
+    have paid for a compile (a rule without a measured saving takes the least one). A function
+    of the group's own step count, so a resumed run switches at the same step as an
+    uninterrupted one (bit-identical resumes) whatever else the process ran."""
+    saving = SAVING_SECONDS_PER_ELEMENT.get(rule, min(SAVING_SECONDS_PER_ELEMENT.values()))
     large = sum(p.numel() for p in params if p.numel() >= SMALL_TENSOR)
-    return bool(large) and steps_taken * large * SAVING_SECONDS_PER_ELEMENT >= COMPILE_SECONDS
+    return bool(large) and steps_taken * large * saving >= COMPILE_SECONDS
 
 
 #: tensors with fewer elements go through the rule's foreach version in one batch: a compiled

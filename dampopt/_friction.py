@@ -170,7 +170,8 @@ class FrictionOptimizer(torch.optim.Optimizer):
             plan = []
             for (device, dtype), bucket in buckets.items():
                 backend = "loop" if traced else resolve_backend(
-                    group["backend"], device, dtype, bucket=bucket, steps_taken=group["step"])
+                    group["backend"], device, dtype, bucket=bucket, steps_taken=group["step"],
+                    rule=self.rule.name)
                 if backend == "triton":
                     self._admit_to_triton(bucket)
                 plan.append((backend, bucket))
@@ -257,10 +258,12 @@ def _cpp_compiler_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
-                    bucket=None, steps_taken: int | None = None) -> str:  # fmt: skip
+                    bucket=None, steps_taken: int | None = None,
+                    rule: str | None = None) -> str:  # fmt: skip
     """The concrete backend for tensors on ``device``; raises for impossible requests.
 
-    Given the ``bucket`` (its tensors) and its group's ``steps_taken``, "auto" on CPU picks
+    Given the ``bucket`` (its tensors), its group's ``steps_taken`` and the ``rule``'s name,
+    "auto" on CPU picks
     "compiled" only once a compile would have paid for itself
     (:func:`dampopt._compiled.worth_compiling`), "torch" before.
     """
@@ -272,7 +275,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                 return "compiled"
             from ._compiled import worth_compiling
 
-            return "compiled" if worth_compiling(steps_taken, bucket) else "torch"
+            return "compiled" if worth_compiling(steps_taken, bucket, rule) else "torch"
         return "torch"
     if backend == "triton":
         if not _triton_available():

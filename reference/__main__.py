@@ -1,9 +1,5 @@
 """``python -m dampopt.reference`` and the console script ``dampopt-reproduce``: the paper's
 experiments, as ``python reference/reproduce_paper.py`` (the same options).
-
-One difference: torch is loaded (with dampopt) before this module runs, too late for
-reproduce_paper.py's ``OMP_WAIT_POLICY=PASSIVE`` default; set it in the environment, or pass
-``--threads 1``, where other jobs share the cores.
 """
 
 from __future__ import annotations

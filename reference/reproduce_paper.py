@@ -26,10 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: with the default (spinning), two torch threads
-# on a 2-core machine that other jobs also use ran 5-10x slower than one thread.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
     from dampopt.reference import run_file
 
@@ -69,8 +65,9 @@ def common_arguments(description: str, seeds: list, out_default: str) -> argpars
     parser.add_argument("--no-download", action="store_true",
                         help="never download: fail with a message when the data is missing")
     parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's, one per core); 1 is "
-                             "much faster when other jobs share the cores")
+                        help="CPU threads for torch (default: torch's, one per core, the "
+                             "fastest on a quiet machine); 1 where other jobs share the cores "
+                             "(measured 2.4x faster with one busy process on 2 cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 

@@ -31,13 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as reproduce_paper.py
 
 if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
     from dampopt.reference import run_file

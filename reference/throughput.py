@@ -16,15 +16,10 @@ evaluations are included at the measured evaluation rate.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Idle OpenMP threads sleep instead of spinning: with the default (spinning), two torch threads
-# on a 2-core machine that other jobs also use ran 5-10x slower than one thread.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if __name__ == "__main__" and not __package__:  # run as a file: the package runs it
     from dampopt.reference import run_file

@@ -6,6 +6,8 @@ dtype, sizes on one side of inductor's small-reduction threshold.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -156,7 +158,8 @@ def test_auto_runs_foreach_until_a_compile_would_have_paid_for_itself(monkeypatc
     monkeypatch.setattr(_compiled, "SMALL_TENSOR", 1000)
     monkeypatch.setattr(_friction, "_cpp_compiler_available", lambda: True)
     # break-even after 2 steps of this model's one large tensor (1000 elements)
-    monkeypatch.setattr(_compiled, "COMPILE_SECONDS", 2000 * _compiled.SAVING_SECONDS_PER_ELEMENT)
+    saving = _compiled.SAVING_SECONDS_PER_ELEMENT["cubic_damped"]
+    monkeypatch.setattr(_compiled, "COMPILE_SECONDS", 2000 * saving)
     calls = []
     real = _compiled._compiled_steps
     monkeypatch.setattr(_compiled, "_compiled_steps",
@@ -189,4 +192,14 @@ def test_auto_runs_foreach_until_a_compile_would_have_paid_for_itself(monkeypatc
         assert torch.equal(p, ref)
     # a model without large tensors never compiles
     small = [torch.nn.Parameter(torch.randn(10))]
-    assert not _compiled.worth_compiling(10**9, small)
+    assert not _compiled.worth_compiling(10**9, small, "cubic_damped")
+
+
+def test_each_rule_repays_a_compile_after_its_own_measured_saving():
+    # iKFAD's step saves more per element than CD's when compiled: it compiles sooner
+    large = [torch.nn.Parameter(torch.zeros(1 << 20))]
+    steps = {rule: next(n for n in range(1, 10**6) if _compiled.worth_compiling(n, large, rule))
+             for rule in ("ikfad", "cubic_damped")}  # fmt: skip
+    assert steps["ikfad"] < steps["cubic_damped"]
+    saving = _compiled.SAVING_SECONDS_PER_ELEMENT["ikfad"]
+    assert steps["ikfad"] == math.ceil(_compiled.COMPILE_SECONDS / (saving * (1 << 20)))
