@@ -37,7 +37,9 @@ class TargetCheck:
 
 
 TWIN = {"iKFAD": "torch Adam(fused)", "CADAM": "torch Adam(fused)", "CD": "torch SGD(fused)"}
-TWIN_BOUND_CPU = {"iKFAD": 1.75, "CADAM": 1.75, "CD": 1.5}
+#: the CPU targets (issue 15; issue 3 had 1.75 / 1.75 / 1.5 and a 3x baseline margin)
+TWIN_BOUND_CPU = {"iKFAD": 1.6, "CADAM": 1.6, "CD": 1.2}
+BASELINE_FACTOR = 4.0  # the published unfused update must be at least this much slower
 FUSED_BACKENDS = ("triton", "compiled", "torch")
 
 
@@ -46,7 +48,8 @@ def _by_label(measurements, parameter_set):
 
 
 def cpu_targets(measurements, parameter_set="ResNet-18") -> list[TargetCheck]:
-    """The CPU targets: twins, >= 3x the baseline, PhysicsSGD vs SGD with the same flags."""
+    """The CPU targets: twins, >= BASELINE_FACTOR x the baseline, PhysicsSGD vs SGD with the
+    same flags."""
     rows = _by_label(measurements, parameter_set)
     checks = []
     for rule in ("iKFAD", "CD", "CADAM"):
@@ -62,7 +65,8 @@ def cpu_targets(measurements, parameter_set="ResNet-18") -> list[TargetCheck]:
                                           TWIN_BOUND_CPU[rule], "<="))
             if baseline is not None:
                 checks.append(TargetCheck(parameter_set, f"{baseline.label} / {ours.label}",
-                                          baseline.median_s / ours.median_s, 3.0, ">="))
+                                          baseline.median_s / ours.median_s, BASELINE_FACTOR,
+                                          ">="))
     for flags in ("fused", "foreach"):
         ours, torch_sgd = rows.get(f"PhysicsSGD({flags})"), rows.get(f"torch SGD({flags})")
         if ours is not None and torch_sgd is not None:
