@@ -6,11 +6,7 @@ Every step, per param group, the momentum is recomputed from the group's *curren
 
 so any LR scheduler drives it. The update itself is torch.optim.SGD's, done by torch's own
 functional ``sgd`` (single-tensor, foreach and fused paths), so with ``mu_min == mu_max`` the
-parameters are bit-identical to ``torch.optim.SGD`` with that momentum and the same
-``foreach``/``fused`` flags. Without flags on CPU, PhysicsSGD takes torch's fused kernel
-(measured 1.3-1.4x faster there than torch's default path): bit-identical to
-``torch.optim.SGD(fused=True)``, and to its default except with weight_decay (about an ulp, see
-:func:`_fused_by_default`).
+parameters are bit-identical to ``torch.optim.SGD`` with that momentum.
 
 Hybrid schedule (Sec. 7): once a trigger fires, every group switches to its constant
 ``switch_momentum`` for the rest of training. Triggers: ``switch_step`` (the optimizer step
@@ -441,10 +437,6 @@ class PhysicsSGD(torch.optim.Optimizer):
         # a tensor momentum (a tensor lr under torch.compile) goes to the traced twin of
         # torch's update, which takes it as data; torch's sgd takes momentum as a number
         update = _traced_sgd if isinstance(mu, torch.Tensor) else _torch_sgd
-        if group["fused"] is None and group["foreach"] is None and grad_scale is None:
-            # the default path: torch's fused kernel where it runs on CPU (1.3-1.4x faster
-            # than torch's default there, benchmarks/README.md), torch's default elsewhere
-            kwargs["fused"] = _fused_by_default(native + upcast, native_grads + upcast_grads)
         if native:
             native_bufs = update(native, native_grads, native_bufs, **kwargs) or native_bufs
             self._store_buffers(native, native_bufs, mu)
@@ -461,20 +453,6 @@ class PhysicsSGD(torch.optim.Optimizer):
             return  # torch's sgd keeps no buffer without momentum
         for param, buf in zip(params, buffers):
             self.state[param]["momentum_buffer"] = buf
-
-
-def _fused_by_default(params, grads) -> bool | None:
-    """True where PhysicsSGD's default path is torch's fused SGD kernel: dense CPU tensors,
-    outside torch.compile (under it, torch's default). On CPU the fused kernel gives the same
-    bits as torch's default and foreach paths, except with weight_decay, where it rounds
-    ``g + weight_decay * p`` once (an FMA) and differs from them by about an ulp: it is
-    bit-identical to ``torch.optim.SGD(fused=True)``. None elsewhere (torch's own default)."""
-    if not params or torch.compiler.is_compiling():
-        return None
-    for param, grad in zip(params, grads):
-        if param.device.type != "cpu" or is_dtensor(param) or grad.is_sparse:
-            return None
-    return True
 
 
 def _traced_sgd(params, grads, buffers, *, lr, momentum, dampening, weight_decay, nesterov,

@@ -56,27 +56,6 @@ def test_bit_identical_to_torch_sgd_when_momentum_is_pinned(path, flags):
     assert torch.equal(_flat(ours), _flat(theirs))
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(weight_decay=5e-4, nesterov=True),
-                                   dict(dampening=0.1, maximize=True, weight_decay=1e-3)])
-def test_cpu_default_is_torchs_fused_kernel_bit_for_bit(flags, monkeypatch):
-    # measured 1.3-1.4x faster than torch's default path on CPU (benchmarks/README.md); the
-    # default must then be exactly torch.optim.SGD(fused=True), and really take that kernel
-    import torch.optim.sgd as torch_sgd
-
-    calls = []
-    fused = torch_sgd._fused_sgd
-    monkeypatch.setattr(torch_sgd, "_fused_sgd", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    ours, theirs = _model(), _model()
-    _train(ours, PhysicsSGD(ours.parameters(), lr=0.05, mu_min=0.9, mu_max=0.9, **flags), 50)
-    assert len(calls) == 50
-    _train(theirs, torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, fused=True,
-                                   **flags), 50)  # fmt: skip
-    assert torch.equal(_flat(ours), _flat(theirs))
-    calls.clear()
-    _train(ours, PhysicsSGD(ours.parameters(), lr=0.05, foreach=False, **flags), 3)
-    assert not calls  # an explicit path is the user's: never replaced
-
-
 def test_momentum_follows_the_scheduled_lr_every_step():
     ours, theirs = _model(), _model()
     optimizer = PhysicsSGD(ours.parameters(), lr=0.1)
