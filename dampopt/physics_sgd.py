@@ -32,8 +32,11 @@ torch.compile: as for torch.optim.SGD, give a tensor lr (``lr=torch.tensor(0.01)
 ``step()`` is compiled, so that an LR scheduler's changes are data and never recompile. Under
 the trace the momentum is then a 0-d tensor too (and so is ``group["momentum"]``), and the
 update is the traced twin of torch's, :func:`_traced_sgd`, fused by inductor (torch's ``sgd``
-takes the momentum as a number only). Outside ``torch.compile`` a tensor lr is read as a float
-and the update stays torch's own.
+takes the momentum as a number only). That needs ``mu_min > 0`` (the default 0.5): with
+``mu_min == 0`` the momentum can reach 0, where torch's update takes another branch, so it is
+read as a float as before (a graph break, and a recompile per lr value). Outside
+``torch.compile`` a tensor lr is read as a float and the update stays torch's own (bit for bit
+as a float lr of the tensor's value: an fp32 tensor holds a scheduler's values rounded to fp32).
 
 fp16/bf16 parameters keep their dtype; their momentum buffers and the update math are fp32
 (torch.optim.SGD would keep them in the parameter's dtype).
@@ -338,7 +341,11 @@ class PhysicsSGD(torch.optim.Optimizer):
     def _momentum_for(self, group: dict) -> float:
         if group["switched_at"] is not None:
             return group["switch_momentum"]
-        if traced_tensor(group["lr"]) and group["mu_max"] > 0:
+        if group["mu_max"] == 0:
+            return 0.0  # clamped to [0, 0] whatever the lr: nothing to read
+        if traced_tensor(group["lr"]) and group["mu_min"] > 0:
+            # mu in [mu_min, mu_max] never reaches 0, where torch's SGD keeps no buffer and
+            # ignores dampening: the traced twin need not follow that branch
             return physics_momentum_traced(group["lr"], group["mu_min"], group["mu_max"],
                                            group["curvature"])  # fmt: skip
         return physics_momentum(group["lr"], group["mu_min"], group["mu_max"], group["curvature"])
@@ -380,6 +387,7 @@ class PhysicsSGD(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.grad is not None and not is_dtensor(p):
                         _device_dtype_check_for_fused(p)  # torch's own message, before any update
+                        _check_fused_layout(self, p)
             if group["fused"] and any(is_dtensor(p) for p in group["params"]):
                 raise RuntimeError(
                     "PhysicsSGD(fused=True) cannot step DTensor (FSDP2) parameters: torch's "
@@ -437,6 +445,8 @@ class PhysicsSGD(torch.optim.Optimizer):
         # a tensor momentum (a tensor lr under torch.compile) goes to the traced twin of
         # torch's update, which takes it as data; torch's sgd takes momentum as a number
         update = _traced_sgd if isinstance(mu, torch.Tensor) else _torch_sgd
+        if kwargs["fused"] and update is _torch_sgd:
+            update = _fused_in_parts
         if native:
             native_bufs = update(native, native_grads, native_bufs, **kwargs) or native_bufs
             self._store_buffers(native, native_bufs, mu)
@@ -455,14 +465,54 @@ class PhysicsSGD(torch.optim.Optimizer):
             self.state[param]["momentum_buffer"] = buf
 
 
+def _check_fused_layout(optimizer, param) -> None:
+    """torch's fused SGD kernel pairs elements by memory position: a gradient (or momentum
+    buffer) with other strides than its parameter would get a wrong update, silently (measured:
+    a channels_last weight with a contiguous gradient). Refused before any update."""
+    buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+    for name, tensor in (("gradient", param.grad), ("momentum buffer", buffer)):
+        if tensor is not None and not _same_layout(tensor, param):
+            raise ValueError(
+                f"PhysicsSGD(fused=True): a parameter of shape {tuple(param.shape)} has strides "
+                f"{param.stride()} but its {name} {tensor.stride()}; torch's fused SGD kernel "
+                "would pair the wrong elements. Nothing was updated; use the default path "
+                "(fused=None) or give the tensor its parameter's memory format"
+            )
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same strides wherever a dimension has more than one element (others do not matter)."""
+    return all(x == y for n, x, y in zip(b.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _fused_in_parts(params, grads, buffers, **kwargs):
+    """torch's fused sgd, once for the parameters with a momentum buffer and once for those
+    without: it takes "is this the first step" for the whole list, and fails on a mix (a
+    parameter whose first gradient arrives after the others have buffers). Elementwise, so
+    the split changes no value."""
+    have = [b is not None for b in buffers]
+    if all(have) or not any(have):
+        _torch_sgd(params, grads, buffers, **kwargs)
+        return buffers
+    out = list(buffers)
+    for part in (True, False):
+        index = [i for i, h in enumerate(have) if h == part]
+        bufs = [buffers[i] for i in index]
+        _torch_sgd([params[i] for i in index], [grads[i] for i in index], bufs, **kwargs)
+        for i, buf in zip(index, bufs):
+            out[i] = buf
+    return out
+
+
 def _traced_sgd(params, grads, buffers, *, lr, momentum, dampening, weight_decay, nesterov,
                 maximize, foreach=None, fused=None, grad_scale=None, found_inf=None):  # fmt: skip
     """torch.optim.SGD's update, tensor by tensor, with ``lr`` and ``momentum`` as 0-d tensors:
     the step PhysicsSGD takes under ``torch.compile`` with a tensor lr, which inductor fuses.
     (torch's ``sgd`` takes the momentum as a number: as a tensor it would break the graph, as a
     float it would recompile at every new lr.) ``foreach``/``fused`` are the compiler's
-    business here; a momentum buffer is kept even where the clamp lets mu reach 0. Returns the
-    momentum buffers, new ones (the gradient, as torch starts them) where there were none."""
+    business here; ``mu_min > 0``, so the momentum is never 0 (torch's no-buffer branch).
+    Returns the momentum buffers, new ones (the gradient, as torch starts them) where there
+    were none."""
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("PhysicsSGD with a tensor lr under torch.compile does not take "
                            "GradScaler's fused scaling; use fused=False")  # fmt: skip

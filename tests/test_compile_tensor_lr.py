@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from dampopt import CADAM, CubicDampedSGD, PhysicsSGD, iKFAD
+from dampopt import CADAM, CubicDampedSGD, PhysicsSGD, iKFAD, physics_momentum
 
 STEPS = 8
 LR = 0.01
@@ -165,3 +165,37 @@ def test_a_bad_tensor_lr_is_refused_at_construction(cls):
         cls(params, lr=torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="lr must be"):
         cls(params, lr=torch.tensor(-0.1))
+
+
+def test_momentum_that_can_reach_zero_stays_torchs_under_compile():
+    # mu_min=0 and curvature 100 clamp mu to 0 at these lrs, where torch's SGD keeps no buffer
+    # and ignores dampening: the compiled step must land where eager does (the traced twin
+    # would have damped the gradient by 1 - dampening; it reads the lr as a float instead)
+    def build(params, lr):
+        return PhysicsSGD(params, lr=lr, mu_min=0.0, curvature=100.0, dampening=0.5)
+
+    BUILDERS["zero"] = build
+    try:
+        compiled, _, optimizer = _train("zero", torch.tensor(LR), CompileCounter())
+        eager, _, _ = _train("zero", LR)
+    finally:
+        del BUILDERS["zero"]
+    assert physics_momentum(LR, 0.0, 0.99, 100.0) == 0.0  # the first steps run at mu = 0
+    assert float(optimizer.param_groups[0]["momentum"]) > 0  # the last ones do not
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_no_momentum_at_all_compiles_without_graph_breaks(torch_sgd_frames):
+    def build(params, lr):
+        return PhysicsSGD(params, lr=lr, mu_min=0.0, mu_max=0.0)
+
+    BUILDERS["plain"] = build
+    try:
+        counters.clear()
+        compiled, frames, _ = _train("plain", torch.tensor(LR), CompileCounter())
+        breaks = sum(counters["graph_break"].values())
+        eager, _, _ = _train("plain", LR)
+    finally:
+        del BUILDERS["plain"]
+    assert frames <= torch_sgd_frames[0] and breaks <= torch_sgd_frames[1]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -386,3 +386,43 @@ def test_an_optimizer_rebuilt_from_another_ones_groups_keeps_its_settings():
     other = PhysicsSGD([{"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": 0.3,
                          "switch_momentum": 0.7}], lr=0.01)  # fmt: skip
     assert other.param_groups[0]["switch_momentum"] == 0.7
+
+
+def test_fused_takes_a_late_first_gradient_that_torchs_fused_sgd_fails_on():
+    # torch's fused kernel decides "first step" for the whole list: a parameter whose first
+    # gradient comes after the others have buffers made it raise a TypeError
+    def run(cls, **flags):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+        optimizer = cls([a, b], lr=0.1, momentum=0.9, **flags)
+        generator = torch.Generator().manual_seed(1)
+        a.grad = torch.randn(10, generator=generator)
+        optimizer.step()
+        for _ in range(3):
+            a.grad, b.grad = (torch.randn(10, generator=generator) for _ in range(2))
+            optimizer.step()
+        return torch.cat([a.detach(), b.detach()])
+
+    with pytest.raises(TypeError):
+        run(torch.optim.SGD, fused=True)
+    fused = run(PhysicsSGD, fused=True, mu_min=0.9, mu_max=0.9)
+    # torch's default path takes it; the fused kernel may round differently (FMA, vector tails)
+    torch.testing.assert_close(fused, run(torch.optim.SGD), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_refuses_a_gradient_with_other_strides_before_any_update():
+    weight = torch.nn.Parameter(torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last))
+    other = torch.nn.Parameter(torch.randn(6))
+    optimizer = PhysicsSGD([other, weight], lr=0.1, fused=True)
+    other.grad = torch.randn(6)
+    weight.grad = torch.randn(4, 3, 5, 5)  # contiguous: torch's fused kernel would mis-pair
+    before = [other.detach().clone(), weight.detach().clone()]
+    with pytest.raises(ValueError, match="strides"):
+        optimizer.step()
+    assert torch.equal(other, before[0]) and torch.equal(weight, before[1])
+    weight.grad = weight.grad.contiguous(memory_format=torch.channels_last)
+    optimizer.step()  # the same layout as its parameter: fine
+    # a size-1 dimension's stride does not matter
+    bias_like = torch.nn.Parameter(torch.randn(1, 8))
+    bias_like.grad = torch.randn(8, 1).t()
+    PhysicsSGD([bias_like], lr=0.1, fused=True).step()
