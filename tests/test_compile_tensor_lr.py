@@ -44,10 +44,12 @@ def _model(dtype=torch.float32):
     )
 
 
-def _train(name, lr, compile_backend=None, steps=STEPS, dtype=torch.float32):
-    """``steps`` steps under CosineAnnealingLR; returns (flat params, frames compiled, opt)."""
+def _train(build, lr, compile_backend=None, steps=STEPS, dtype=torch.float32):
+    """``steps`` steps under CosineAnnealingLR of the optimizer ``build(params, lr)`` (or
+    ``BUILDERS[build]``); returns (flat params, frames compiled, optimizer)."""
     model = _model(dtype)
-    optimizer = BUILDERS[name](model.parameters(), lr)
+    build = BUILDERS[build] if isinstance(build, str) else build
+    optimizer = build(model.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     step = optimizer.step
     if compile_backend is not None:
@@ -107,12 +109,8 @@ def test_physics_sgd_traced_update_is_torch_sgds_at_pinned_momentum():
     def sgd(params, lr):
         return torch.optim.SGD(params, lr=lr, momentum=0.8, dampening=0.3, weight_decay=0.02)
 
-    BUILDERS["pinned"], BUILDERS["sgd pinned"] = physics, sgd
-    try:
-        compiled, _, _ = _train("pinned", torch.tensor(LR), CompileCounter())
-        reference, _, _ = _train("sgd pinned", LR)
-    finally:
-        del BUILDERS["pinned"], BUILDERS["sgd pinned"]
+    compiled, _, _ = _train(physics, torch.tensor(LR), CompileCounter())
+    reference, _, _ = _train(sgd, LR)
     torch.testing.assert_close(compiled, reference, rtol=1e-6, atol=1e-7)
 
 
@@ -128,12 +126,8 @@ def test_hybrid_switch_under_compile_with_a_tensor_lr():
     def build(params, lr):
         return PhysicsSGD(params, lr=lr, switch_step=3)
 
-    BUILDERS["hybrid"] = build
-    try:
-        compiled, _, optimizer = _train("hybrid", torch.tensor(LR), CompileCounter())
-        eager, _, _ = _train("hybrid", LR)
-    finally:
-        del BUILDERS["hybrid"]
+    compiled, _, optimizer = _train(build, torch.tensor(LR), CompileCounter())
+    eager, _, _ = _train(build, LR)
     assert optimizer.switched_at == 3
     assert float(optimizer.param_groups[0]["momentum"]) == 0.9
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
@@ -174,12 +168,8 @@ def test_momentum_that_can_reach_zero_stays_torchs_under_compile():
     def build(params, lr):
         return PhysicsSGD(params, lr=lr, mu_min=0.0, curvature=100.0, dampening=0.5)
 
-    BUILDERS["zero"] = build
-    try:
-        compiled, _, optimizer = _train("zero", torch.tensor(LR), CompileCounter())
-        eager, _, _ = _train("zero", LR)
-    finally:
-        del BUILDERS["zero"]
+    compiled, _, optimizer = _train(build, torch.tensor(LR), CompileCounter())
+    eager, _, _ = _train(build, LR)
     assert physics_momentum(LR, 0.0, 0.99, 100.0) == 0.0  # the first steps run at mu = 0
     assert float(optimizer.param_groups[0]["momentum"]) > 0  # the last ones do not
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
@@ -189,13 +179,9 @@ def test_no_momentum_at_all_compiles_without_graph_breaks(torch_sgd_frames):
     def build(params, lr):
         return PhysicsSGD(params, lr=lr, mu_min=0.0, mu_max=0.0)
 
-    BUILDERS["plain"] = build
-    try:
-        counters.clear()
-        compiled, frames, _ = _train("plain", torch.tensor(LR), CompileCounter())
-        breaks = sum(counters["graph_break"].values())
-        eager, _, _ = _train("plain", LR)
-    finally:
-        del BUILDERS["plain"]
+    counters.clear()
+    compiled, frames, _ = _train(build, torch.tensor(LR), CompileCounter())
+    breaks = sum(counters["graph_break"].values())
+    eager, _, _ = _train(build, LR)
     assert frames <= torch_sgd_frames[0] and breaks <= torch_sgd_frames[1]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
