@@ -396,6 +396,10 @@ class PhysicsSGD(torch.optim.Optimizer):
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if grad_scale is not None and any(traced_tensor(g["lr"]) for g in self.param_groups):
+            # before any group moves: the traced update takes no GradScaler scale
+            raise RuntimeError("PhysicsSGD with a tensor lr under torch.compile does not take "
+                               "GradScaler's fused scaling; use fused=False")  # fmt: skip
         if found_inf is not None and bool(found_inf):
             # GradScaler found inf/NaN gradients: skip the step entirely, as the unfused path
             # (where GradScaler never calls step) does, so the step count stays honest.
@@ -513,10 +517,7 @@ def _traced_sgd(params, grads, buffers, *, lr, momentum, dampening, weight_decay
     business here; ``mu_min > 0``, so the momentum is never 0 (torch's no-buffer branch).
     Returns the momentum buffers, new ones (the gradient, as torch starts them) where there
     were none."""
-    if grad_scale is not None or found_inf is not None:
-        raise RuntimeError("PhysicsSGD with a tensor lr under torch.compile does not take "
-                           "GradScaler's fused scaling; use fused=False")  # fmt: skip
-    out = []
+    out = []  # (grad_scale / found_inf: refused in step() before any update)
     for param, grad, buf in zip(params, grads, buffers):
         if maximize:
             grad = -grad
