@@ -5,8 +5,12 @@ Every step, per param group, the momentum is recomputed from the group's *curren
 .. math:: \mu = \mathrm{clamp}\big(1 - 2\sqrt{\lambda\,\alpha},\ \mu_{min},\ \mu_{max}\big)
 
 so any LR scheduler drives it. The update itself is torch.optim.SGD's, done by torch's own
-functional ``sgd`` (single-tensor, foreach and fused paths), so with ``mu_min == mu_max`` the
-parameters are bit-identical to ``torch.optim.SGD`` with that momentum.
+functional ``sgd`` (single-tensor, foreach and fused paths), so with ``mu_min == mu_max``
+fp32/fp64 parameters are bit-identical to ``torch.optim.SGD`` with that momentum and the same
+``foreach``/``fused`` flags. (``fused=True`` also steps what torch's fused kernel raises on or
+silently mis-updates: a parameter whose first gradient comes late is stepped, a gradient or
+buffer with other strides than its parameter, or a parameter that is a strided view, is refused
+before any update.)
 
 Hybrid schedule (Sec. 7): once a trigger fires, every group switches to its constant
 ``switch_momentum`` for the rest of training. Triggers: ``switch_step`` (the optimizer step
@@ -343,9 +347,7 @@ class PhysicsSGD(torch.optim.Optimizer):
             return group["switch_momentum"]
         if group["mu_max"] == 0:
             return 0.0  # clamped to [0, 0] whatever the lr: nothing to read
-        if traced_tensor(group["lr"]) and group["mu_min"] > 0:
-            # mu in [mu_min, mu_max] never reaches 0, where torch's SGD keeps no buffer and
-            # ignores dampening: the traced twin need not follow that branch
+        if _traced_momentum(group):
             return physics_momentum_traced(group["lr"], group["mu_min"], group["mu_max"],
                                            group["curvature"])  # fmt: skip
         return physics_momentum(group["lr"], group["mu_min"], group["mu_max"], group["curvature"])
@@ -396,8 +398,9 @@ class PhysicsSGD(torch.optim.Optimizer):
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if grad_scale is not None and any(traced_tensor(g["lr"]) for g in self.param_groups):
-            # before any group moves: the traced update takes no GradScaler scale
+        if grad_scale is not None and any(map(_steps_traced, self.param_groups)):
+            # before any group moves: the traced update takes no GradScaler scale (a group on
+            # torch's update - switched, mu_max = 0 or mu_min = 0 - takes it as usual)
             raise RuntimeError("PhysicsSGD with a tensor lr under torch.compile does not take "
                                "GradScaler's fused scaling; use fused=False")  # fmt: skip
         if found_inf is not None and bool(found_inf):
@@ -409,10 +412,8 @@ class PhysicsSGD(torch.optim.Optimizer):
             return loss
 
         for group in self.param_groups:
-            switch_step = group["switch_step"]
-            if switch_step is not None and group["switched_at"] is None:
-                if group["step"] >= switch_step:
-                    group["switched_at"] = switch_step
+            if group["switched_at"] is None and _switches_by(group):
+                group["switched_at"] = group["switch_step"]
             group["momentum"] = mu = self._momentum_for(group)
             self._update_group(group, mu, grad_scale, found_inf)
             group["step"] += 1
@@ -469,10 +470,41 @@ class PhysicsSGD(torch.optim.Optimizer):
             self.state[param]["momentum_buffer"] = buf
 
 
+def _traced_momentum(group: dict) -> bool:
+    """Whether an unswitched group's momentum is a 0-d tensor, for the traced update: a tensor
+    lr under torch.compile, ``mu_max > 0``, and ``mu_min > 0`` (mu then never reaches 0, where
+    torch's SGD keeps no buffer and ignores dampening: the traced twin need not follow that
+    branch)."""
+    return traced_tensor(group["lr"]) and group["mu_max"] != 0 and group["mu_min"] > 0
+
+
+def _switches_by(group: dict) -> bool:
+    """Whether the hybrid schedule has switched the group by this step (or switches at it)."""
+    if group["switched_at"] is not None:
+        return True
+    return group["switch_step"] is not None and group["step"] >= group["switch_step"]
+
+
+def _steps_traced(group: dict) -> bool:
+    """Whether this step updates some parameter of ``group`` by the traced update."""
+    return (_traced_momentum(group) and not _switches_by(group)
+            and any(p.grad is not None for p in group["params"]))  # fmt: skip
+
+
 def _check_fused_layout(optimizer, param) -> None:
-    """torch's fused SGD kernel pairs elements by memory position: a gradient (or momentum
-    buffer) with other strides than its parameter would get a wrong update, silently (measured:
-    a channels_last weight with a contiguous gradient). Refused before any update."""
+    """torch's fused SGD kernel pairs elements by memory position over ``numel`` elements from
+    each tensor's start: a gradient (or momentum buffer) with other strides than its parameter,
+    or a parameter that is a strided view (not dense), would get a wrong update, silently
+    (measured: a channels_last weight with a contiguous gradient; a ``base[:, ::2]`` view,
+    written outside itself). Refused before any update."""
+    if param.numel() == 0:
+        return  # nothing to pair
+    if not _dense(param):
+        raise ValueError(
+            f"PhysicsSGD(fused=True): a parameter of shape {tuple(param.shape)} with strides "
+            f"{param.stride()} is not dense in memory (a strided view); torch's fused SGD kernel "
+            "would write outside it. Nothing was updated; use the default path (fused=None)"
+        )
     buffer = optimizer.state.get(param, {}).get("momentum_buffer")
     for name, tensor in (("gradient", param.grad), ("momentum buffer", buffer)):
         if tensor is not None and not _same_layout(tensor, param):
@@ -487,6 +519,17 @@ def _check_fused_layout(optimizer, param) -> None:
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same strides wherever a dimension has more than one element (others do not matter)."""
     return all(x == y for n, x, y in zip(b.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` covers one gap-free, non-overlapping block of memory, in any order of
+    its dimensions (contiguous, channels_last, a transpose...); size-1 dimensions do not count."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _fused_in_parts(params, grads, buffers, **kwargs):

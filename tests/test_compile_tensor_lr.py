@@ -185,3 +185,56 @@ def test_no_momentum_at_all_compiles_without_graph_breaks(torch_sgd_frames):
     eager, _, _ = _train(build, LR)
     assert frames <= torch_sgd_frames[0] and breaks <= torch_sgd_frames[1]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+
+def _scaled_fused_steps(groups, lr, compiled: bool, steps: int = 3):
+    """``steps`` GradScaler steps of ``PhysicsSGD(groups, fused=True)`` (GradScaler hands a
+    fused optimizer its scale) on ``_model()``: ``groups`` maps each of its parameters' index
+    to its group's settings. Returns (model, optimizer)."""
+    model = _model()
+    params = list(model.parameters())
+    optimizer = PhysicsSGD([dict(params=[params[i] for i in group], **settings)
+                            for group, settings in groups], lr=lr, fused=True)  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    if compiled:
+        torch._dynamo.reset()
+        optimizer.step = torch.compile(optimizer.step, backend="eager")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(4, 6, generator=generator)).square().sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return model, optimizer
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_grad_scaler_is_refused_only_where_the_traced_update_would_run():
+    all_params = (0, 1, 2, 3)
+    # groups on torch's update take GradScaler's scale as usual, compiled as eager: switched
+    # by the hybrid schedule at the first step, no momentum, or mu_min = 0 (lr read as a float)
+    for settings in (dict(switch_step=0), dict(mu_min=0.0, mu_max=0.0), dict(mu_min=0.0)):
+        model, optimizer = _scaled_fused_steps([(all_params, settings)], torch.tensor(LR), True)
+        eager, _ = _scaled_fused_steps([(all_params, settings)], LR, False)
+        assert optimizer.steps == 3 and not torch.equal(_flat(model), _flat(_model())), settings
+        torch.testing.assert_close(_flat(model), _flat(eager), rtol=1e-6, atol=1e-7)
+    # the traced update (a tensor momentum) takes no scale: refused before any group moves,
+    # also a first group that would have taken it
+    groups = [((0, 1), dict(mu_min=0.0)), ((2, 3), dict())]
+    model = _model()
+    params = list(model.parameters())
+    optimizer = PhysicsSGD([dict(params=[params[i] for i in g], **s) for g, s in groups],
+                           lr=torch.tensor(LR), fused=True)  # fmt: skip
+    before = _flat(model)
+    model(torch.randn(4, 6)).square().sum().backward()
+    optimizer.grad_scale = torch.tensor(4.0)  # as GradScaler.step sets them
+    optimizer.found_inf = torch.tensor(0.0)
+    step = torch.compile(optimizer.step, backend="eager")
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        step()
+    assert torch.equal(_flat(model), before) and optimizer.steps == 0
+    assert all(not optimizer.state[p] for p in params)

@@ -422,7 +422,43 @@ def test_fused_refuses_a_gradient_with_other_strides_before_any_update():
     assert torch.equal(other, before[0]) and torch.equal(weight, before[1])
     weight.grad = weight.grad.contiguous(memory_format=torch.channels_last)
     optimizer.step()  # the same layout as its parameter: fine
-    # a size-1 dimension's stride does not matter
-    bias_like = torch.nn.Parameter(torch.randn(1, 8))
-    bias_like.grad = torch.randn(8, 1).t()
-    PhysicsSGD([bias_like], lr=0.1, fused=True).step()
+    # a momentum buffer of other strides (a loaded state dict, say): refused the same way
+    after_one = [other.detach().clone(), weight.detach().clone()]
+    optimizer.state[weight]["momentum_buffer"] = optimizer.state[weight][
+        "momentum_buffer"].contiguous()  # fmt: skip
+    with pytest.raises(ValueError, match="momentum buffer"):
+        optimizer.step()
+    assert torch.equal(other, after_one[0]) and torch.equal(weight, after_one[1])
+    assert optimizer.steps == 1
+
+
+def test_fused_steps_size_one_and_empty_dimensions_as_the_default_path():
+    # a size-1 dimension's stride does not matter, nor a 0-element tensor's: stepped, and
+    # to torch's default path's values
+    def run(fused):
+        bias_like = torch.nn.Parameter(torch.arange(8.0).reshape(1, 8))
+        empty = torch.nn.Parameter(torch.zeros(2, 0, 3))
+        optimizer = PhysicsSGD([bias_like, empty], lr=0.1, fused=fused)
+        for k in range(2):
+            bias_like.grad = (torch.arange(8.0) + k).reshape(8, 1).t()  # strides (1, 1)
+            empty.grad = torch.zeros(3, 0, 2).permute(2, 1, 0)  # other strides, no elements
+            optimizer.step()
+        return bias_like.detach()
+
+    torch.testing.assert_close(run(True), run(None), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(run(True), torch.arange(8.0).reshape(1, 8))
+
+
+def test_fused_refuses_a_strided_view_parameter_before_any_update():
+    # torch's fused kernel runs over numel elements from the start: on base[:, ::2] it would
+    # update the wrong elements and write outside the view, silently, even with a gradient
+    # of the same strides
+    base = torch.randn(4, 6)
+    start = base.clone()
+    view = torch.nn.Parameter(base[:, ::2])
+    view.grad = torch.randn(4, 6)[:, ::2]
+    with pytest.raises(ValueError, match="not dense"):
+        PhysicsSGD([view], lr=0.1, fused=True).step()
+    assert torch.equal(base, start)
+    PhysicsSGD([view], lr=0.1).step()  # the default path steps it, within the view
+    assert torch.equal(base[:, 1::2], start[:, 1::2]) and not torch.equal(base, start)
